@@ -1,0 +1,268 @@
+"""Every experiment-config key, declared once with its default and meaning, and its validation.
+
+Experiment files start from `default_config()` and change what they need; the ConfigDict is locked, so a
+misspelt key fails where it is written. `validate(config, num_devices)` checks values against each other
+and against the machine before anything is compiled, naming the key that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Any, Callable, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One config key: its default, its meaning, and (for component names) the registry it names."""
+
+    default: Any
+    help: str
+    registry: str | None = None  # "module:ATTRIBUTE" of a llm_jax.registry.Registry
+    type: type | None = None  # needed when the default is None
+
+    def registry_names(self) -> list[str]:
+        module_name, attribute = self.registry.split(":")
+        return getattr(importlib.import_module(module_name), attribute).names()
+
+
+DEFAULT_LOGICAL_AXIS_RULES = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "model": {
+        "family": Key("decoder", "model family", "llm_jax.models.families:FAMILIES"),
+        "num_layers": Key(4, "Transformer blocks"),
+        "num_heads": Key(4, "query heads per attention layer"),
+        "num_kv_heads": Key(None, "key/value heads (grouped-query attention); None = num_heads", type=int),
+        "d_model": Key(128, "residual stream width"),
+        "d_ff": Key(None, "MLP hidden width; None = 4 * d_model", type=int),
+        "head_dim": Key(None, "width of one head; None = d_model // num_heads", type=int),
+        "vocab_size": Key(None, "vocabulary size; None = the tokenizer's", type=int),
+        "vocab_pad_multiple": Key(128, "embedding rows are padded to a multiple of this and of every mesh axis"),
+        "max_len": Key(64, "longest sequence the model accepts (positions table, sliding window in generate)"),
+        "positional": Key("learned", "position encoding", "llm_jax.models.positions:POSITIONALS"),
+        "rope_base": Key(10000.0, "rotary base frequency (positional=rope)"),
+        "norm": Key("layernorm", "normalisation layer (pre-LN)", "llm_jax.models.norms:NORMS"),
+        "norm_eps": Key(1e-5, "epsilon of the norm layers"),
+        "activation": Key("gelu", "MLP activation", "llm_jax.models.mlp:ACTIVATIONS"),
+        "mlp": Key("standard", "MLP kind (gated = GLU variants)", "llm_jax.models.mlp:MLPS"),
+        "use_bias": Key(False, "biases in dense layers and norms"),
+        "dropout": Key(0.0, "dropout rate on embeddings, attention output and MLP output"),
+        "tie_embeddings": Key(True, "output projection shares the token embedding"),
+        "init_std": Key(0.02, "stddev of the normal init; residual projections use init_std / sqrt(2 * num_layers)"),
+        "dtype": Key("float32", "compute dtype (bfloat16 for mixed precision on accelerators)"),
+        "param_dtype": Key("float32", "parameter and optimizer-state dtype"),
+    },
+    "data": {
+        "source": Key("text_file", "where the text comes from", "llm_jax.data.sources:SOURCES"),
+        "path": Key("", "text file for source=text_file"),
+        "tokenizer": Key("char", "tokenizer", "llm_jax.data.tokenizers:TOKENIZERS"),
+        "seq_len": Key(64, "tokens per training example (<= model.max_len)"),
+        "validation_fraction": Key(0.1, "tail of the token stream held out for evaluation"),
+        "seed": Key(0, "seed of the batch sampler (independent of train.seed)"),
+    },
+    "train": {
+        "steps": Key(2000, "optimizer updates in the whole run"),
+        "batch_size": Key(12, "global batch size in sequences per optimizer update"),
+        "seed": Key(0, "seed of parameter init and dropout"),
+        "log_every": Key(100, "steps between train metric logs"),
+        "eval_every": Key(500, "steps between evaluations (0 = only at the end)"),
+        "eval_steps": Key(20, "batches per evaluation"),
+        "checkpoint_every": Key(1000, "steps between checkpoints (0 = only at the end)"),
+        "keep_checkpoints": Key(2, "checkpoints kept on disk"),
+        "steps_per_dispatch": Key(20, "optimizer steps fused into one device call (lax.scan)"),
+        "peak_flops_per_device": Key(None, "peak FLOP/s of one device for train/mfu; None = known table", type=float),
+    },
+    "optimizer": {
+        "learning_rate": Key(1e-3, "peak learning rate"),
+        "schedule": Key("cosine", "learning-rate schedule", "llm_jax.training.optimizer:SCHEDULES"),
+        "warmup_steps": Key(100, "linear warmup from 0 to learning_rate"),
+        "min_learning_rate": Key(1e-4, "final learning rate of cosine and linear decay"),
+        "decay_steps": Key(None, "step where decay ends; None = train.steps", type=int),
+        "weight_decay": Key(0.1, "AdamW decoupled weight decay (not on norms, biases or other 1-D params)"),
+        "b1": Key(0.9, "Adam beta1"),
+        "b2": Key(0.99, "Adam beta2"),
+        "eps": Key(1e-8, "Adam epsilon"),
+        "grad_clip_norm": Key(1.0, "global-norm gradient clipping (0 = off)"),
+        "grad_accum_steps": Key(1, "micro-batches accumulated into one update"),
+    },
+    "mesh": {
+        "data": Key(-1, "data-parallel axis size (-1 = the remaining devices)"),
+        "fsdp": Key(1, "fully-sharded data-parallel axis size (-1 = the remaining devices)"),
+        "tensor": Key(1, "tensor-parallel axis size (-1 = the remaining devices)"),
+        "logical_axis_rules": Key(DEFAULT_LOGICAL_AXIS_RULES, "logical axis name -> mesh axes"),
+    },
+}
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _field(key: Key) -> Any:
+    if key.default is None:
+        return config_dict.placeholder(key.type)
+    return key.default
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The full config with every default, locked against new keys."""
+    config = ml_collections.ConfigDict()
+    for section, keys in SCHEMA.items():
+        config[section] = ml_collections.ConfigDict({name: _field(key) for name, key in keys.items()})
+    config.lock()
+    return config
+
+
+def config_reference_markdown() -> str:
+    """The table of every key with its default and meaning (docs/config.md is generated from it)."""
+    lines = ["# Config reference", "", "Generated by `python -m llm_jax.config`; every key, its default and meaning.", ""]
+    for section, keys in SCHEMA.items():
+        lines += [f"## `{section}`", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        for name, key in keys.items():
+            meaning = key.help
+            if key.registry:
+                meaning += f" ({', '.join(key.registry_names())})"
+            lines.append(f"| `{section}.{name}` | `{key.default!r}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_schema(config: ml_collections.ConfigDict) -> None:
+    for section in config:
+        _require(section in SCHEMA, f"unknown config section {section!r}; sections are {', '.join(SCHEMA)}")
+        for name in config[section]:
+            _require(name in SCHEMA[section], f"unknown config key {section}.{name}; see docs/config.md")
+    for section, keys in SCHEMA.items():
+        for name, key in keys.items():
+            if key.registry:
+                value = config[section][name]
+                choices = key.registry_names()
+                _require(value in choices, f"{section}.{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with the single -1 filled in; errors name the axis and the device count."""
+    sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    _require(len(fill) <= 1, f"only one mesh axis may be -1, got mesh.{' and mesh.'.join(fill)}")
+    for axis, size in sizes.items():
+        _require(size == -1 or size >= 1, f"mesh.{axis}={size}: sizes are positive or -1 (fill)")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        _require(num_devices % known == 0,
+                 f"mesh {sizes} cannot fill {num_devices} devices: {num_devices} is not divisible by {known}")
+        sizes[fill[0]] = num_devices // known
+    _require(math.prod(sizes.values()) == num_devices,
+             f"mesh data*fsdp*tensor = {math.prod(sizes.values())} ({sizes}) but there are {num_devices} devices; "
+             "set the sizes so their product is the device count, or one of them to -1")
+    return sizes
+
+
+def _check_model(model: ml_collections.ConfigDict) -> None:
+    for name in ("num_layers", "num_heads", "d_model", "max_len", "vocab_pad_multiple"):
+        _require(model[name] >= 1, f"model.{name}={model[name]} must be >= 1")
+    if model.head_dim is None:
+        _require(model.d_model % model.num_heads == 0,
+                 f"model.num_heads={model.num_heads} does not divide model.d_model={model.d_model}; "
+                 "change one of them or set model.head_dim")
+    kv_heads = model.num_kv_heads or model.num_heads
+    _require(model.num_heads % kv_heads == 0,
+             f"model.num_kv_heads={kv_heads} must divide model.num_heads={model.num_heads}")
+    _require(0.0 <= model.dropout < 1.0, f"model.dropout={model.dropout} must be in [0, 1)")
+    for name in ("dtype", "param_dtype"):
+        _require(model[name] in ("float32", "bfloat16", "float16"),
+                 f"model.{name}={model[name]!r} must be float32, bfloat16 or float16")
+
+
+def _check_train(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) -> None:
+    train, opt = config.train, config.optimizer
+    for name in ("steps", "batch_size", "log_every", "eval_steps", "keep_checkpoints", "steps_per_dispatch"):
+        _require(train[name] >= 1, f"train.{name}={train[name]} must be >= 1")
+    for name in ("eval_every", "checkpoint_every"):
+        _require(train[name] >= 0, f"train.{name}={train[name]} must be >= 0")
+    _require(opt.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={opt.grad_accum_steps} must be >= 1")
+    _require(train.batch_size % opt.grad_accum_steps == 0,
+             f"train.batch_size={train.batch_size} is not divisible by optimizer.grad_accum_steps={opt.grad_accum_steps}")
+    batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    micro_batch = train.batch_size // opt.grad_accum_steps
+    _require(micro_batch % batch_shards == 0,
+             f"train.batch_size={train.batch_size} (micro-batch {micro_batch} with grad_accum_steps="
+             f"{opt.grad_accum_steps}) is not divisible by mesh.data*mesh.fsdp={batch_shards}; "
+             "change the batch size or the mesh")
+    _require(config.data.seq_len <= config.model.max_len,
+             f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
+    _require(opt.learning_rate > 0, f"optimizer.learning_rate={opt.learning_rate} must be > 0")
+    _require(0 <= opt.warmup_steps, f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0")
+    _require(0.0 < config.data.validation_fraction < 1.0,
+             f"data.validation_fraction={config.data.validation_fraction} must be in (0, 1)")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Checks the whole config for `num_devices` devices; returns the resolved mesh shape."""
+    _check_schema(config)
+    _check_model(config.model)
+    mesh_sizes = resolve_mesh_shape(config.mesh, num_devices)
+    _check_train(config, mesh_sizes)
+    return mesh_sizes
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON-ready plain dict of the config (tuples become lists)."""
+    return config.to_dict()
+
+
+def config_from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Rebuilds a locked config from `config_to_dict` output (e.g. DIR/config.json), checking every key."""
+    config = default_config()
+    for section, keys in values.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"unknown config section {section!r} in saved config")
+        for name, value in keys.items():
+            if name not in SCHEMA[section]:
+                raise ConfigError(f"unknown config key {section}.{name} in saved config")
+            if name == "logical_axis_rules":
+                value = tuple((rule[0], tuple(rule[1]) if isinstance(rule[1], list) else rule[1]) for rule in value)
+            config[section][name] = value
+    return config
+
+
+def override(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, Any]]) -> ml_collections.ConfigDict:
+    """Applies ("section.key", value) pairs, e.g. from a sweep, with a clear error for unknown keys."""
+    for dotted, value in overrides:
+        section, _, name = dotted.partition(".")
+        if section not in SCHEMA or name not in SCHEMA[section]:
+            raise ConfigError(f"unknown config key {dotted}; see docs/config.md")
+        config[section][name] = value
+    return config
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())
