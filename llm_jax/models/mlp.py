@@ -1,0 +1,57 @@
+"""Position-wise feed-forward layers, selected by `model.mlp` and `model.activation`."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax.models.model_config import ModelConfig
+from llm_jax.registry import Registry
+
+ACTIVATIONS: Registry[Callable[[jnp.ndarray], jnp.ndarray]] = Registry("activation")
+ACTIVATIONS.add("gelu", functools.partial(jax.nn.gelu, approximate=False))
+ACTIVATIONS.add("gelu_tanh", functools.partial(jax.nn.gelu, approximate=True))
+ACTIVATIONS.add("relu", jax.nn.relu)
+ACTIVATIONS.add("silu", jax.nn.silu)
+
+MLPS: Registry[type[nn.Module]] = Registry("mlp")
+
+
+def _dense(cfg: ModelConfig, features: int, kernel_axes: tuple[str, str], std: float, name: str) -> nn.Dense:
+    return nn.Dense(
+        features, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), kernel_axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, kernel_axes[1:]), name=name)
+
+
+@MLPS.register("standard")
+class Mlp(nn.Module):
+    """d_model -> d_ff -> activation -> d_model."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        h_BTF = _dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.init_std, "up")(x_BTD)
+        h_BTF = nn.with_logical_constraint(ACTIVATIONS.get(cfg.activation)(h_BTF), ("batch", "seq", "act_mlp"))
+        return _dense(cfg, cfg.d_model, ("mlp", "embed"), cfg.residual_init_std, "down")(h_BTF)
+
+
+@MLPS.register("gated")
+class GatedMlp(nn.Module):
+    """GLU variant (SwiGLU with activation=silu, GeGLU with gelu): act(x W_gate) * (x W_up) W_down."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        gate_BTF = ACTIVATIONS.get(cfg.activation)(_dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.init_std, "gate")(x_BTD))
+        up_BTF = _dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.init_std, "up")(x_BTD)
+        h_BTF = nn.with_logical_constraint(gate_BTF * up_BTF, ("batch", "seq", "act_mlp"))
+        return _dense(cfg, cfg.d_model, ("mlp", "embed"), cfg.residual_init_std, "down")(h_BTF)

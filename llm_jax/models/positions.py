@@ -1,0 +1,74 @@
+"""Position encodings, selected by `model.positional`.
+
+A scheme either adds a vector to the token embeddings (learned, sinusoidal), rotates queries and keys
+inside attention (rope), or does nothing (none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax.models.model_config import ModelConfig
+from llm_jax.registry import Registry
+
+
+class LearnedPositions(nn.Module):
+    """A trained (max_len, d_model) table, GPT-2 style."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, positions_BT: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        table_LD = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("positions", "embed")),
+            (cfg.max_len, cfg.d_model), cfg.param_dtype)
+        return jnp.take(table_LD, positions_BT, axis=0).astype(cfg.dtype)
+
+
+class SinusoidalPositions(nn.Module):
+    """The fixed sin/cos encoding of "Attention Is All You Need"; no parameters."""
+
+    config: ModelConfig
+
+    def __call__(self, positions_BT: jnp.ndarray) -> jnp.ndarray:
+        d_model = self.config.d_model
+        inv_freq_F = 1.0 / (10000.0 ** (np.arange(0, d_model, 2, dtype=np.float32) / d_model))
+        angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
+        encoding_BTD = jnp.zeros(positions_BT.shape + (d_model,), jnp.float32)
+        encoding_BTD = encoding_BTD.at[..., 0::2].set(jnp.sin(angles_BTF))
+        encoding_BTD = encoding_BTD.at[..., 1::2].set(jnp.cos(angles_BTF[..., : d_model // 2]))
+        return encoding_BTD.astype(self.config.dtype)
+
+
+def apply_rope(x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, base: float) -> jnp.ndarray:
+    """Rotates pairs (i, i + H/2) of each head by position-dependent angles (GPT-NeoX/LLaMA layout)."""
+    head_dim = x_BTNH.shape[-1]
+    inv_freq_F = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
+    sin_BT1F, cos_BT1F = jnp.sin(angles_BTF)[:, :, None, :], jnp.cos(angles_BTF)[:, :, None, :]
+    x1_BTNF, x2_BTNF = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    rotated_BTNH = jnp.concatenate([x1_BTNF * cos_BT1F - x2_BTNF * sin_BT1F,
+                                    x2_BTNF * cos_BT1F + x1_BTNF * sin_BT1F], axis=-1)
+    return rotated_BTNH.astype(x_BTNH.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionalScheme:
+    """How one encoding enters the model: an additive embedding module and/or a q/k rotation."""
+
+    embedding: type[nn.Module] | None
+    rotate_qk: Callable[[jnp.ndarray, jnp.ndarray, float], jnp.ndarray] | None
+
+
+POSITIONALS: Registry[PositionalScheme] = Registry("positional encoding")
+POSITIONALS.add("learned", PositionalScheme(LearnedPositions, None))
+POSITIONALS.add("sinusoidal", PositionalScheme(SinusoidalPositions, None))
+POSITIONALS.add("rope", PositionalScheme(None, apply_rope))
+POSITIONALS.add("none", PositionalScheme(None, None))
