@@ -1,0 +1,58 @@
+"""Evaluates the latest checkpoint of a run, prints the metrics and appends them to DIR/metrics.jsonl.
+
+    python -m llm_jax.evaluate --workdir=runs/shakespeare_char --split=validation --eval_steps=200
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+from absl import app, flags, logging
+
+from llm_jax.cli import quiet_library_logs, run_reporting_errors
+from llm_jax.config import ConfigError
+from llm_jax.training.checkpoint import Checkpointer
+from llm_jax.training.evaluation import Evaluator
+from llm_jax.training.metrics import MetricsWriter
+from llm_jax.training.run import build_saved_run
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by llm_jax.train")
+_SPLIT = flags.DEFINE_string("split", "validation", "split to evaluate")
+_EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "batches to evaluate (default: the run's train.eval_steps)")
+flags.mark_flag_as_required("workdir")
+
+
+def evaluate_checkpoint(workdir: str, split: str, eval_steps: int | None) -> tuple[int, dict[str, float]]:
+    """(step, metrics) of the latest checkpoint; the metric names carry the split unless it is validation."""
+    run = build_saved_run(workdir, with_data=True)
+    checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
+    try:
+        with jax.set_mesh(run.mesh), run.rules_context():
+            state, _ = checkpointer.restore(None, run.abstract_state)
+            metrics = Evaluator(run).evaluate(state.params, split, eval_steps or run.config.train.eval_steps)
+    finally:
+        checkpointer.close()
+    if split != "validation":
+        metrics = {key.replace("eval/", f"eval_{split}/"): value for key, value in metrics.items()}
+    return int(state.step), metrics
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_library_logs()
+
+    def evaluate_and_report() -> None:
+        step, metrics = evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _EVAL_STEPS.value)
+        writer = MetricsWriter(_WORKDIR.value)
+        writer.write(step, metrics)
+        writer.close()
+        logging.info("step %d | %s", step, metrics)
+        print(json.dumps({"step": step, **metrics}))
+
+    run_reporting_errors(evaluate_and_report, (ConfigError, FileNotFoundError, ValueError))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,58 @@
+"""Samples text from the latest checkpoint of a run; the sample alone goes to stdout, logs to stderr.
+
+    python -m llm_jax.generate --workdir=runs/shakespeare_char --prompt="ROMEO:" --max_new_tokens=300
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags, logging
+
+from llm_jax.cli import quiet_library_logs, run_reporting_errors
+from llm_jax.decoding.sampling import SamplingConfig, sample
+from llm_jax.training.checkpoint import Checkpointer
+from llm_jax.training.run import build_saved_run
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by llm_jax.train")
+_PROMPT = flags.DEFINE_string("prompt", "\n", "text to continue")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "tokens to sample", lower_bound=0)
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "softmax temperature; 0 = greedy", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)", lower_bound=0)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)", lower_bound=0.0, upper_bound=1.0)
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed: the same seed gives the same text")
+flags.mark_flag_as_required("workdir")
+
+
+def generate_text(workdir: str, prompt: str, sampling: SamplingConfig) -> str:
+    """The prompt's continuation (without the prompt) from the latest checkpoint in `workdir`."""
+    run = build_saved_run(workdir, with_data=False)
+    checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
+    try:
+        with jax.set_mesh(run.mesh), run.rules_context():
+            state, _ = checkpointer.restore(None, run.abstract_state)
+            logging.info("sampling from step %d of %s", int(state.step), workdir)
+            prompt_ids = [int(i) for i in run.tokenizer.encode(prompt)]
+            tokens = sample(run.model.apply, state.params, prompt_ids, max_len=run.model_config.max_len,
+                            vocab_size=run.model_config.vocab_size, sampling=sampling)
+    finally:
+        checkpointer.close()
+    return run.tokenizer.decode(tokens[len(prompt_ids):])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_library_logs()
+    sampling = SamplingConfig(_MAX_NEW_TOKENS.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
+
+    def generate_and_print() -> None:
+        sys.stdout.write(generate_text(_WORKDIR.value, _PROMPT.value, sampling) + "\n")
+        sys.stdout.flush()
+
+    run_reporting_errors(generate_and_print, (FileNotFoundError, ValueError))
+
+
+if __name__ == "__main__":
+    app.run(main)

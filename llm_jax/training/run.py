@@ -1,0 +1,126 @@
+"""Everything a run needs, built from a validated config: mesh, data, model, optimizer, shardings.
+
+Shared by training, evaluation and generation so the three agree on the model and its layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from llm_jax import config as config_lib
+from llm_jax.data.pipeline import LMData, build_data
+from llm_jax.data.tokenizers import Tokenizer, load_tokenizer
+from llm_jax.models.families import build_model
+from llm_jax.models.model_config import (ModelConfig, build_model_config, model_config_from_json,
+                                         model_config_to_json)
+from llm_jax.provenance import provenance
+from llm_jax.sharding import Rules, build_mesh, logical_rules
+from llm_jax.training.optimizer import build_optimizer
+from llm_jax.training.state import TrainState, abstract_state, state_shardings
+
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass
+class Run:
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Mesh
+    rules: Rules
+    tokenizer: Tokenizer
+    data: LMData | None  # None when only the model is needed (generation)
+    model_config: ModelConfig
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    shardings: TrainState
+    abstract_state: TrainState
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.workdir, "checkpoints")
+
+    def rules_context(self):
+        """Logical-axis rules must be active while model code is traced."""
+        return nn.logical_axis_rules(self.rules)
+
+
+def _check_vocab(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:
+    if config.model.vocab_size is not None and config.model.vocab_size < tokenizer_vocab:
+        raise config_lib.ConfigError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids; "
+            "raise it or leave it unset to follow the tokenizer")
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[jax.Device] | None = None,
+              saved_model_config: ModelConfig | None = None, with_data: bool = True) -> Run:
+    """Validates `config` against `devices` (default: all) and builds the run; raises ConfigError first.
+
+    Without data the tokenizer comes from DIR/tokenizer (generation needs no training text).
+    """
+    devices = list(devices or jax.devices())
+    mesh_sizes = config_lib.validate(config, len(devices))
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    data = None
+    if with_data:
+        data = build_data(config, process_index=jax.process_index(), process_count=jax.process_count(),
+                          tokenizer_dir=tokenizer_dir)
+        tokenizer = data.tokenizer
+    else:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    _check_vocab(config, tokenizer.vocab_size)
+    model_config = saved_model_config or build_model_config(config.model, tokenizer.vocab_size, mesh_sizes)
+    model = build_model(model_config)
+    tx, schedule = build_optimizer(config.optimizer, config.train.steps)
+    mesh, rules = build_mesh(mesh_sizes, devices), logical_rules(config.mesh)
+    with nn.logical_axis_rules(rules):
+        shardings = state_shardings(model, tx, config.data.seq_len, mesh, rules)
+        abstract = abstract_state(model, tx, config.data.seq_len, shardings)
+    return Run(config, workdir, mesh, rules, tokenizer, data, model_config, model, tx, schedule, shardings, abstract)
+
+
+def build_saved_run(workdir: str, *, with_data: bool) -> Run:
+    """The run a training job left in `workdir`, on this machine's devices.
+
+    The saved mesh is used when it fits the devices here; otherwise one device holds everything, which
+    suits evaluation and sampling of the models that fit one device.
+    """
+    config, model_config = read_run_config(workdir)
+    try:
+        config_lib.validate(config, jax.device_count())
+        devices = None
+    except config_lib.ConfigError:
+        config.mesh.update(data=1, fsdp=1, tensor=1)
+        devices = jax.devices()[:1]
+    return build_run(config, workdir, devices=devices, saved_model_config=model_config, with_data=with_data)
+
+
+def write_run_config(run: Run) -> None:
+    """DIR/config.json: the config as given, the resolved model config, and provenance."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(run.workdir, exist_ok=True)
+    payload = {"config": config_lib.config_to_dict(run.config),
+               "model_config": model_config_to_json(run.model_config),
+               "provenance": provenance(dict(run.mesh.shape))}
+    with open(os.path.join(run.workdir, CONFIG_FILE), "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+
+
+def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, ModelConfig]:
+    """The config and model config a training run wrote into DIR/config.json."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory written by llm_jax.train")
+    with open(path) as f:
+        payload: dict[str, Any] = json.load(f)
+    return config_lib.config_from_dict(payload["config"]), model_config_from_json(payload["model_config"])

@@ -1,0 +1,65 @@
+"""The train state and its creation directly in sharded form (eval_shape -> shardings -> jitted init)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from llm_jax.sharding import Rules, replicated
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes: `step` counts completed optimizer updates."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+
+
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
+    def init(seed_key: jax.Array) -> TrainState:
+        params_key, dropout_key = jax.random.split(seed_key)
+        tokens_BT = jnp.zeros((1, seq_len), jnp.int32)
+        params = nn.unbox(model.init({"params": params_key}, tokens_BT)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(dropout_key))
+
+    return init
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, mesh: Mesh,
+                    rules: Rules) -> TrainState:
+    """NamedShardings of every state leaf: params by their logical axes, optimizer moments like their
+    params, everything else replicated."""
+    tokens_BT = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(model.init, {"params": jax.random.key(0)}, tokens_BT)["params"]
+    param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0))
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
+        transform_non_params=lambda _: replicated(mesh))
+    return TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings,
+                      rng=replicated(mesh))
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
+                   shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+    abstract = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0))
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        abstract, shardings)
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int,
+               shardings: TrainState) -> TrainState:
+    """Initialises every leaf directly on its shards; nothing is materialised whole on one device."""
+    init = jax.jit(_init_fn(model, tx, seq_len), out_shardings=shardings)
+    return init(jax.random.key(seed))
