@@ -1,0 +1,29 @@
+"""llm_jax: JAX/Flax Transformer language models, sharded training on CPU, GPU and TPU meshes."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llm_jax",
+    version="0.1.0",
+    description="Research codebase for training Transformer language models with JAX, Flax and Optax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["llm_jax", "llm_jax.*", "launch", "launch.*", "configs", "configs.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12",
+        "tensorflow-datasets>=4.9",
+        "sentencepiece>=0.2",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "grain>=0.2.10",
+        "tensorboard>=2.16",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+)

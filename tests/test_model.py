@@ -1,0 +1,86 @@
+"""Model behaviour: causality for every position scheme, padded-vocabulary masking, GQA shapes."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import config as config_lib
+from llm_jax.models.embeddings import TokenEmbedding
+from llm_jax.models.families import build_model
+from llm_jax.models.model_config import build_model_config, padded_vocab
+
+VOCAB = 50
+ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def tiny_model(**changes):
+    config = config_lib.default_config()
+    config.model.update(num_layers=2, num_heads=4, d_model=32, max_len=16)
+    config.model.update(**changes)
+    return build_model(build_model_config(config.model, VOCAB, ONE_DEVICE))
+
+
+def _init(model, tokens_BT):
+    return nn.unbox(model.init(jax.random.key(0), tokens_BT)["params"])
+
+
+def _apply_with_embedding_offset(model, params, tokens_BT, offset_BTD):
+    """Runs the model with `offset_BTD` added to the token embeddings (a differentiable input per position)."""
+
+    def add_offset(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, TokenEmbedding) and context.method_name == "__call__":
+            return out + offset_BTD
+        return out
+
+    with nn.intercept_methods(add_offset):
+        return model.apply({"params": params}, tokens_BT)
+
+
+@pytest.mark.parametrize("changes", [
+    {"positional": "learned"},
+    {"positional": "sinusoidal", "norm": "rmsnorm"},
+    {"positional": "rope", "num_kv_heads": 2, "mlp": "gated", "activation": "silu"},
+    {"positional": "none", "use_bias": True, "tie_embeddings": False, "activation": "gelu_tanh"},
+])
+def test_logits_at_t_do_not_depend_on_later_tokens(changes):
+    """Gradient test: d logits[t] / d input-embedding[s] is exactly zero for every s > t, non-zero for s <= t."""
+    model = tiny_model(**changes)
+    tokens_BT = jax.random.randint(jax.random.key(1), (2, 16), 0, VOCAB)
+    params = _init(model, tokens_BT)
+    for t in (0, 5, 15):
+        def logits_sum(offset_BTD):
+            return _apply_with_embedding_offset(model, params, tokens_BT, offset_BTD)[:, t, :VOCAB].sum()
+
+        grad_BTD = jax.grad(logits_sum)(jnp.zeros((2, 16, 32)))
+        per_position_T = np.asarray(jnp.abs(grad_BTD).sum(axis=(0, 2)))
+        assert np.all(per_position_T[t + 1:] == 0.0), f"logits at {t} depend on later positions: {per_position_T}"
+        assert np.all(per_position_T[: t + 1] > 0.0), f"logits at {t} ignore earlier positions: {per_position_T}"
+
+
+def test_padded_vocabulary_rows_get_zero_probability():
+    model = tiny_model()
+    tokens_BT = jnp.zeros((1, 8), jnp.int32)
+    params = _init(model, tokens_BT)
+    assert params["token_embedding"]["embedding"].shape[0] == 128
+    probs_BTV = jax.nn.softmax(model.apply({"params": params}, tokens_BT))
+    assert np.all(np.asarray(probs_BTV[..., VOCAB:]) == 0.0)
+    np.testing.assert_allclose(np.asarray(probs_BTV[..., :VOCAB].sum(-1)), 1.0, rtol=1e-5)
+
+
+def test_padded_vocab_divides_every_mesh_axis():
+    assert padded_vocab(65, 1, {"data": 2, "fsdp": 3, "tensor": 4}) == 72
+    assert padded_vocab(50257, 128, {"data": 8, "fsdp": 1, "tensor": 1}) == 50304
+    assert padded_vocab(128, 128, ONE_DEVICE) == 128
+
+
+def test_grouped_query_attention_has_fewer_kv_parameters():
+    model = tiny_model(num_kv_heads=1)
+    params = _init(model, jnp.zeros((1, 4), jnp.int32))
+    attention = params["block_0"]["attention"]
+    assert attention["query"]["kernel"].shape == (32, 4, 8)
+    assert attention["key"]["kernel"].shape == (32, 1, 8)
