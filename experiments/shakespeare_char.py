@@ -14,6 +14,7 @@ import ml_collections
 
 from llm_jax.config import default_config
 
+VARIANTS = ("quick",)
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 

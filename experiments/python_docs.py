@@ -1,0 +1,36 @@
+"""The README's first experiment: a character-level GPT on Python's own documentation, no data files.
+
+The corpus is `pydoc_data.topics`, which ships with every CPython, so this runs offline anywhere:
+
+    python -m llm_jax.train --config=experiments/python_docs.py --workdir=runs/python_docs
+    python -m llm_jax.generate --workdir=runs/python_docs --prompt="The with statement"
+
+Variants: `:quick` (tests and smoke runs, seconds).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from llm_jax.config import default_config
+
+VARIANTS = ("quick",)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = default_config()
+    config.model.update(num_layers=4, num_heads=4, d_model=128, max_len=128, positional="rope", norm="rmsnorm",
+                        activation="gelu", dropout=0.0, tie_embeddings=True)
+    config.data.update(source="python_docs", tokenizer="char", seq_len=128)
+    config.train.update(steps=1000, batch_size=16, log_every=100, eval_every=250, eval_steps=20,
+                        checkpoint_every=500, steps_per_dispatch=10)
+    config.optimizer.update(learning_rate=2e-3, warmup_steps=50, min_learning_rate=2e-4)
+    if arg == "quick":
+        config.model.update(num_layers=2, num_heads=2, d_model=32, max_len=32)
+        config.data.seq_len = 32
+        config.train.update(steps=40, batch_size=8, log_every=10, eval_every=20, eval_steps=4,
+                            checkpoint_every=20, steps_per_dispatch=5)
+        config.optimizer.update(warmup_steps=5)
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of python_docs; use no argument or one of {VARIANTS}")
+    return config

@@ -1,0 +1,127 @@
+"""End to end through the real commands: train, resume after SIGTERM, evaluate, generate, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, subprocess_env
+
+QUICK = ["--config=experiments/python_docs.py:quick"]
+RESUME_ARGS = ["--config.train.steps=300", "--config.train.steps_per_dispatch=2", "--config.train.log_every=10",
+               "--config.train.eval_every=100", "--config.train.checkpoint_every=100"]
+
+
+def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final(records: list[dict], key: str) -> float:
+    return [r[key] for r in records if key in r][-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An uninterrupted run of the quick experiment with the resume test's schedule."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_module("llm_jax.train", *QUICK, f"--workdir={workdir}", *RESUME_ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_training_writes_the_work_directory_and_loss_falls(trained):
+    records = metrics(trained)
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.5, losses
+    assert [r["step"] for r in records if "eval/loss" in r] == [100, 200, 300]
+    assert all(r["train/tokens_per_second"] > 0 for r in records if "train/loss" in r)
+    saved = json.loads((trained / "config.json").read_text())
+    assert saved["config"]["train"]["steps"] == 300
+    assert saved["provenance"]["packages"]["jax"] and saved["provenance"]["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert saved["model_config"]["padded_vocab_size"] % 128 == 0
+    assert os.listdir(trained / "tensorboard") and (trained / "tokenizer" / "tokenizer.json").exists()
+    assert sorted(os.listdir(trained / "checkpoints")) == ["200", "300"]
+
+
+def test_sigterm_checkpoints_and_rerun_resumes_exactly(trained, tmp_path):
+    workdir = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "llm_jax.train", *QUICK, f"--workdir={workdir}", *RESUME_ARGS]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "step  40/300" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.stderr.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    stopped_at = max(int(name) for name in os.listdir(workdir / "checkpoints"))
+    assert 40 <= stopped_at < 300, "the signal handler checkpoints at the next chunk boundary and stops"
+
+    result = run_module("llm_jax.train", *QUICK, f"--workdir={workdir}", *RESUME_ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {workdir / 'checkpoints'} at step {stopped_at}" in result.stderr
+    resumed, uninterrupted = metrics(workdir), metrics(trained)
+    assert final(resumed, "eval/loss") == final(uninterrupted, "eval/loss")
+    assert final(resumed, "train/loss") == final(uninterrupted, "train/loss")
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted], "no duplicated or missing log steps"
+
+
+def test_evaluate_appends_the_latest_checkpoints_metrics(trained):
+    result = run_module("llm_jax.evaluate", f"--workdir={trained}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["step"] == 300
+    assert printed["eval/loss"] == pytest.approx(final(metrics(trained)[:-1], "eval/loss"), rel=1e-6)
+    assert metrics(trained)[-1] == printed
+
+
+def test_generate_is_reproducible_and_slides_past_max_len(trained):
+    args = [f"--workdir={trained}", "--prompt=The ", "--max_new_tokens=80", "--temperature=0.8"]
+    first = run_module("llm_jax.generate", *args, "--seed=1")
+    second = run_module("llm_jax.generate", *args, "--seed=1")
+    other = run_module("llm_jax.generate", *args, "--seed=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout == second.stdout != other.stdout
+    assert len(first.stdout) == 80 + 1, "stdout holds the 80 sampled characters (longer than max_len=32) alone"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.nmu_layers=3"], "nmu_layers"),
+    (["--config.data.source=text_file", "--config.data.path=/nonexistent/corpus.txt"], "data.path='/nonexistent/corpus.txt'"),
+    (["--config.mesh.data=2"], "but there are 1 devices"),
+    (["--config.train.batch_size=7", "--config.optimizer.grad_accum_steps=2"], "train.batch_size=7"),
+])
+def test_bad_input_fails_before_compiling_with_the_key(args, message, tmp_path):
+    result = run_module("llm_jax.train", *QUICK, f"--workdir={tmp_path}", *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr or "nmu_layers" in message
+
+
+def test_empty_data_file_is_named(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    result = run_module("llm_jax.train", *QUICK, f"--workdir={tmp_path / 'run'}", "--config.data.source=text_file",
+                        f"--config.data.path={empty}")
+    assert result.returncode != 0 and f"data.path='{empty}' is empty" in result.stderr
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_module("llm_jax.train", *QUICK, f"--workdir={tmp_path}", "--config.optimizer.learning_rate=1e9",
+                        "--config.optimizer.grad_clip_norm=0", "--config.train.checkpoint_every=1",
+                        "--config.train.steps_per_dispatch=1")
+    assert result.returncode != 0
+    assert "train/loss is nan at step" in result.stderr, result.stderr[-2000:]
+    bad_step = int(result.stderr.split("train/loss is nan at step ")[1].split(";")[0])
+    saved = sorted(int(name) for name in os.listdir(tmp_path / "checkpoints"))
+    assert saved and max(saved) < bad_step
