@@ -78,3 +78,17 @@ def test_saved_config_round_trip():
     config.model.num_kv_heads = 2
     rebuilt = config_lib.config_from_dict(config_lib.config_to_dict(config))
     assert rebuilt.to_dict() == config.to_dict()
+
+
+def test_presets_build_valid_configs():
+    from configs.meshes import MESHES, apply_mesh
+    from configs.model_sizes import MODEL_SIZES, apply_model_size
+
+    for size in MODEL_SIZES:
+        config = apply_model_size(config_lib.default_config(), size)
+        config.data.seq_len = min(config.data.seq_len, config.model.max_len)
+        config_lib.validate(config, num_devices=1)
+    for mesh in MESHES:
+        config = apply_mesh(config_lib.default_config(), mesh)
+        config.train.batch_size = 16
+        config_lib.validate(config, num_devices=8)

@@ -84,3 +84,22 @@ def test_grouped_query_attention_has_fewer_kv_parameters():
     attention = params["block_0"]["attention"]
     assert attention["query"]["kernel"].shape == (32, 4, 8)
     assert attention["key"]["kernel"].shape == (32, 1, 8)
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm", "rmsnorm"])
+def test_hand_written_norm_gradient_matches_autodiff(center):
+    from llm_jax.models.norms import normalize
+
+    def reference(x, scale):
+        if center:
+            x = x - x.mean(-1, keepdims=True)
+        return x / jnp.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * scale
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16)) * 3 + 1
+    scale = jax.random.normal(jax.random.key(1), (16,))
+    weights = jax.random.normal(jax.random.key(2), (3, 5, 16))
+    ours = jax.grad(lambda x, s: (normalize(x, s, 1e-5, center) * weights).sum(), argnums=(0, 1))(x, scale)
+    theirs = jax.grad(lambda x, s: (reference(x, s) * weights).sum(), argnums=(0, 1))(x, scale)
+    np.testing.assert_allclose(normalize(x, scale, 1e-5, center), reference(x, scale), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,65 @@
+"""JAX (llm_jax.train) against the PyTorch reference on the shakespeare_char recipe, in one run.
+
+    pip install torch==2.13.0   # benchmark-only; the CPU build these machines hold
+    python benchmarks/shakespeare_char_throughput.py [--steps 2000] [--rounds 1]
+
+Each round trains both implementations for --steps (JAX first, then PyTorch) and prints their final
+validation loss over 200 batches and training throughput (tokens/s, compile and evaluation excluded; the
+first 100 steps excluded for both, as warm-up). Rounds alternate the two so machine noise hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_jax(steps: int, eval_batches: int) -> dict:
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "llm_jax.train", "--config=experiments/shakespeare_char.py",
+                   f"--workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.eval_steps={eval_batches}"]
+        subprocess.run(command, cwd=REPO, check=True, stderr=subprocess.DEVNULL)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    windows = [r for r in records if "train/tokens_per_second" in r and r["step"] > 100]
+    tokens_per_window = [(r["step"] - prev["step"]) * 12 * 64 for prev, r in zip(
+        [r for r in records if "train/tokens_per_second" in r], windows)]
+    seconds = sum(t / r["train/tokens_per_second"] for t, r in zip(tokens_per_window, windows))
+    final_eval = [r["eval/loss"] for r in records if "eval/loss" in r][-1]
+    return {"final_val_loss": final_eval, "tokens_per_second": sum(tokens_per_window) / seconds}
+
+
+def run_torch(steps: int, eval_batches: int) -> dict:
+    command = [sys.executable, os.path.join(REPO, "benchmarks", "torch_shakespeare_char.py"), "--steps", str(steps),
+               "--eval_batches", str(eval_batches), "--warmup_steps", "100"]
+    output = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--eval_batches", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    print("| round | implementation | final val loss | train tokens/s | ms/step |")
+    print("| --- | --- | --- | --- | --- |")
+    ratios = []
+    for round_index in range(args.rounds):
+        results = {"jax": run_jax(args.steps, args.eval_batches), "pytorch": run_torch(args.steps, args.eval_batches)}
+        for name, result in results.items():
+            tps = result["tokens_per_second"]
+            print(f"| {round_index} | {name} | {result['final_val_loss']:.4f} | {tps:,.0f} | {768e3 / tps:.1f} |",
+                  flush=True)
+        ratios.append(results["jax"]["tokens_per_second"] / results["pytorch"]["tokens_per_second"])
+    print(f"\nJAX / PyTorch throughput ratio per round: {', '.join(f'{r:.2f}' for r in ratios)}")
+
+
+if __name__ == "__main__":
+    main()
