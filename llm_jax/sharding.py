@@ -38,11 +38,30 @@ def batch_sharding(mesh: Mesh, rules: Rules, *, stacked: bool) -> NamedSharding:
     return logical_sharding(mesh, rules, axes)
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_axis: int) -> dict[str, jax.Array]:
-    """Assembles each process's rows into one global jax.Array per key (one process: the rows are all)."""
+def process_batch_rows(mesh: Mesh, rules: Rules, global_batch_size: int) -> tuple[int, int]:
+    """The rows [start, stop) of a global batch that this process's devices hold.
+
+    With the batch split over data/fsdp, each process holds a contiguous block; where the batch is
+    replicated (e.g. a pure tensor-parallel mesh) every process holds all rows.
+    """
+    sharding = batch_sharding(mesh, rules, stacked=False)
+    index_map = sharding.addressable_devices_indices_map((global_batch_size, 1))
+    blocks = sorted({(rows.start or 0, global_batch_size if rows.stop is None else rows.stop)
+                     for rows, _ in index_map.values()})
+    start, stop = blocks[0][0], blocks[-1][1]
+    covered = sum(block_stop - block_start for block_start, block_stop in blocks)
+    if covered != stop - start:
+        raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {blocks}; "
+                         "order the mesh so each process's devices are adjacent on the batch axes")
+    return start, stop
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_axis: int,
+                 global_batch_size: int) -> dict[str, jax.Array]:
+    """Assembles each process's rows (see process_batch_rows) into one global jax.Array per key."""
     def assemble(array: np.ndarray) -> jax.Array:
         shape = list(array.shape)
-        shape[batch_axis] *= jax.process_count()
+        shape[batch_axis] = global_batch_size
         return jax.make_array_from_process_local_data(sharding, array, tuple(shape))
 
     return {key: assemble(value) for key, value in local.items()}

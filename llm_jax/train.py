@@ -1,28 +1,55 @@
 """Trains, evaluates and checkpoints; re-running with the same --workdir resumes.
 
     python -m llm_jax.train --config=experiments/shakespeare_char.py --workdir=runs/shakespeare_char
+    python -m llm_jax.train --config=... --workdir=... --compile_only     # per-device memory, no training
+
+Multi-process: on TPU pods and SLURM the coordinator is found automatically; elsewhere pass
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process (launch.local does).
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+import json
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llm_jax import distributed
 from llm_jax.cli import quiet_library_logs, run_reporting_errors
 from llm_jax.config import ConfigError
-from llm_jax.training.loop import TrainingDivergedError, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file, e.g. experiments/shakespeare_char.py[:arg]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: config.json, metrics, checkpoints")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile the train step, print per-device memory, exit")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job (with --coordinator_address)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+_INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 120, "seconds to wait for the coordinator and peers")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _run() -> None:
+    distributed.initialize(distributed.DistributedOptions(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, initialization_timeout_s=_INIT_TIMEOUT.value,
+        heartbeat_timeout_s=_INIT_TIMEOUT.value))
+    from llm_jax.training import aot, loop  # after jax.distributed: these modules may touch devices
+
+    if _COMPILE_ONLY.value:
+        report = aot.compile_report(_CONFIG.value, _WORKDIR.value)
+        logging.info("compiled: %s", report)
+        print(json.dumps(report))
+        return
+    loop.train(_CONFIG.value, _WORKDIR.value)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_library_logs()
-    run_reporting_errors(lambda: train(_CONFIG.value, _WORKDIR.value), (ConfigError, TrainingDivergedError))
+    from llm_jax.training.loop import TrainingDivergedError
+
+    run_reporting_errors(_run, (ConfigError, TrainingDivergedError))
 
 
 if __name__ == "__main__":

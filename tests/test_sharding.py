@@ -38,7 +38,7 @@ def _one_step(config, workdir, devices):
                        in_shardings=(run.shardings, batch_sharding(run.mesh, run.rules, stacked=False)),
                        out_shardings=(run.shardings, None))
         local = {k: v[0] for k, v in run.data.train.next_chunk(1).items()}
-        batch = global_batch(local, batch_sharding(run.mesh, run.rules, stacked=False), batch_axis=0)
+        batch = global_batch(local, batch_sharding(run.mesh, run.rules, stacked=False), 0, config.train.batch_size)
         new_state, metrics = step(state, batch)
     return new_state, jax.device_get(metrics)
 

@@ -23,22 +23,21 @@ def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> Batch:
 
 
 class RandomWindowStream:
-    """Training batches for this process: rows [p*B/P, (p+1)*B/P) of the global batch of each step."""
+    """Training batches for this process: rows [start, stop) of the global batch of each step."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
+                 rows: tuple[int, int] | None = None):
         if len(tokens) <= seq_len + 1:
             raise ValueError(f"the training split has {len(tokens)} tokens, fewer than data.seq_len+2={seq_len + 2}")
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.global_batch = global_batch
-        self.local_batch = global_batch // process_count
-        self.row_start = process_index * self.local_batch
+        self.rows = rows or (0, global_batch)
         self.next_step = 0
 
     def _offsets(self, step: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, step))
         offsets = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.global_batch)
-        return offsets[self.row_start:self.row_start + self.local_batch]
+        return offsets[self.rows[0]:self.rows[1]]
 
     def next_chunk(self, num_steps: int) -> Batch:
         """The next `num_steps` batches stacked on a leading axis: [num_steps, local_batch, seq_len]."""
@@ -56,12 +55,12 @@ class RandomWindowStream:
 
 
 def fixed_windows(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, num_batches: int,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+                  rows: tuple[int, int] | None = None) -> Iterator[Batch]:
     """The same `num_batches` random-window batches every call: evaluations stay comparable."""
     if len(tokens) <= seq_len + 1:
         raise ValueError(f"the evaluation split has {len(tokens)} tokens, fewer than data.seq_len+2={seq_len + 2}")
-    local_batch = global_batch // process_count
+    start, stop = rows or (0, global_batch)
     for i in range(num_batches):
         rng = np.random.default_rng((seed, _EVAL_STREAM, i))
         offsets = rng.integers(0, len(tokens) - seq_len - 1, size=global_batch)
-        yield windows(tokens, offsets[process_index * local_batch:(process_index + 1) * local_batch], seq_len)
+        yield windows(tokens, offsets[start:stop], seq_len)

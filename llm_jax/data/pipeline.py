@@ -42,9 +42,12 @@ def _tokenizer_for(config: ml_collections.ConfigDict, text: str, tokenizer_dir: 
     return tokenizer
 
 
-def build_data(config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1,
+def build_data(config: ml_collections.ConfigDict, *, rows: tuple[int, int] | None = None,
                tokenizer_dir: str | None = None) -> LMData:
-    """Reads the source, tokenizes it, splits it 90/10 (data.validation_fraction) and builds the streams."""
+    """Reads the source, tokenizes it, splits it 90/10 (data.validation_fraction) and builds the streams.
+
+    `rows` is the block of each global batch this process feeds (default: all of it).
+    """
     data = config.data
     text = SOURCES.get(data.source)(data)
     tokenizer = _tokenizer_for(config, text, tokenizer_dir)
@@ -52,13 +55,12 @@ def build_data(config: ml_collections.ConfigDict, *, process_index: int = 0, pro
     split_at = int(len(tokens) * (1.0 - data.validation_fraction))
     split_tokens = {"train": tokens[:split_at], "validation": tokens[split_at:]}
     global_batch = config.train.batch_size
-    train = lm_batches.RandomWindowStream(split_tokens["train"], data.seq_len, global_batch, data.seed,
-                                          process_index, process_count)
+    train = lm_batches.RandomWindowStream(split_tokens["train"], data.seq_len, global_batch, data.seed, rows)
 
     def eval_batches(split: str, num_batches: int) -> Iterator[lm_batches.Batch]:
         if split not in split_tokens:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         return lm_batches.fixed_windows(split_tokens[split], data.seq_len, global_batch, data.seed, num_batches,
-                                        process_index, process_count)
+                                        rows)
 
     return LMData(tokenizer, train, eval_batches)

@@ -23,7 +23,7 @@ class Evaluator:
     def evaluate(self, params, split: str, num_batches: int) -> dict[str, float]:
         totals = None
         for local in self.run.data.eval_batches(split, num_batches):
-            sums = self._step(params, global_batch(local, self.sharding, batch_axis=0))
+            sums = self._step(params, global_batch(local, self.sharding, 0, self.run.config.train.batch_size))
             totals = sums if totals is None else jax.tree.map(jax.numpy.add, totals, sums)
         totals = jax.device_get(totals)
         weight = max(float(totals["weight_sum"]), 1.0)

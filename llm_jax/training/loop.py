@@ -190,7 +190,7 @@ class HostLoop:
         while step < self.events.total:
             stop = self.events.next_stop(step)
             local = self.run.data.train.next_chunk(stop - step)
-            batches = global_batch(local, self.sharding, batch_axis=1)
+            batches = global_batch(local, self.sharding, 1, self.run.config.train.batch_size)
             compile_before = self.chunks.compile_seconds
             state, metrics = self.chunks(state, batches)
             window.excluded += self.chunks.compile_seconds - compile_before

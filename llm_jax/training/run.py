@@ -23,7 +23,7 @@ from llm_jax.models.families import build_model
 from llm_jax.models.model_config import (ModelConfig, build_model_config, model_config_from_json,
                                          model_config_to_json)
 from llm_jax.provenance import provenance
-from llm_jax.sharding import Rules, build_mesh, logical_rules
+from llm_jax.sharding import Rules, build_mesh, logical_rules, process_batch_rows
 from llm_jax.training.optimizer import build_optimizer
 from llm_jax.training.state import TrainState, abstract_state, state_shardings
 
@@ -69,11 +69,12 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Seque
     """
     devices = list(devices or jax.devices())
     mesh_sizes = config_lib.validate(config, len(devices))
+    mesh, rules = build_mesh(mesh_sizes, devices), logical_rules(config.mesh)
     tokenizer_dir = os.path.join(workdir, "tokenizer")
     data = None
     if with_data:
-        data = build_data(config, process_index=jax.process_index(), process_count=jax.process_count(),
-                          tokenizer_dir=tokenizer_dir)
+        rows = process_batch_rows(mesh, rules, config.train.batch_size)
+        data = build_data(config, rows=rows, tokenizer_dir=tokenizer_dir)
         tokenizer = data.tokenizer
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -81,7 +82,6 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Seque
     model_config = saved_model_config or build_model_config(config.model, tokenizer.vocab_size, mesh_sizes)
     model = build_model(model_config)
     tx, schedule = build_optimizer(config.optimizer, config.train.steps)
-    mesh, rules = build_mesh(mesh_sizes, devices), logical_rules(config.mesh)
     with nn.logical_axis_rules(rules):
         shardings = state_shardings(model, tx, config.data.seq_len, mesh, rules)
         abstract = abstract_state(model, tx, config.data.seq_len, shardings)
