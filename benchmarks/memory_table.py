@@ -1,0 +1,53 @@
+"""Per-device memory of a ~124M-parameter GPT-2-small-sized config on data / FSDP / tensor meshes,
+from compiled executables only (`llm_jax.train --compile_only`): nothing is allocated or trained.
+
+    python benchmarks/memory_table.py [--devices 8]
+
+Runs on a CPU with forced host devices; the numbers are what each device of such a mesh must hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = ["--config.model.num_layers=12", "--config.model.num_heads=12", "--config.model.d_model=768",
+         "--config.model.d_ff=3072", "--config.model.vocab_size=50257", "--config.model.max_len=512",
+         "--config.model.positional=learned", "--config.data.seq_len=512", "--config.train.batch_size=16",
+         "--config.train.steps_per_dispatch=1"]
+MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "tensor=8": (1, 1, 8), "fsdp=4 x tensor=2": (1, 4, 2),
+          "data=2 x fsdp=2 x tensor=2": (2, 2, 2)}
+
+
+def compile_report(mesh: tuple[int, int, int], devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    data, fsdp, tensor = mesh
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "llm_jax.train", "--config=experiments/python_docs.py", f"--workdir={workdir}",
+                   "--compile_only", *MODEL, f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
+                   f"--config.mesh.tensor={tensor}"]
+        output = subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=8)
+    args = parser.parse_args()
+    mib = 2 ** 20
+    print("| mesh | parameters | params MiB/device | optimizer MiB/device | compiled args MiB | temp MiB | peak estimate MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, mesh in MESHES.items():
+        r = compile_report(mesh, args.devices)
+        print(f"| {name} | {r['parameters']:,} | {r['params_bytes_per_device'] / mib:.1f} | "
+              f"{r['optimizer_bytes_per_device'] / mib:.1f} | {r['argument_bytes'] / mib:.1f} | "
+              f"{r['temp_bytes'] / mib:.1f} | {r['peak_bytes_estimate'] / mib:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
