@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -79,27 +80,39 @@ def test_rsqrt_schedule():
     assert float(_schedule("rsqrt")(40)) == pytest.approx(LR / 2, rel=1e-5)
 
 
+@functools.cache
 def _params(use_bias=True):
     config = config_lib.default_config()
     config.model.update(num_layers=2, num_heads=4, d_model=32, max_len=16, use_bias=use_bias, tie_embeddings=False)
     model = build_model(build_model_config(config.model, 20, ONE_DEVICE))
-    return nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])
+    init = jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros((1, 16), jnp.int32))["params"]))
+    return init(jax.random.key(0))
 
 
 def _one_update_with_zero_grads(params, lr, wd):
     tx, _ = build_optimizer(_opt(schedule="constant", learning_rate=lr, warmup_steps=0, weight_decay=wd), TOTAL)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
-    return optax.apply_updates(params, updates)
+
+    @jax.jit
+    def update(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    return update(params)
 
 
 def _nonzero_params():
     """The tiny model's params (with biases) refilled with non-zero values: zero-initialised biases would hide
     a decay (0 * (1 - lr * wd) == 0)."""
     params = _params()
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    return jax.tree.unflatten(treedef, [1.0 + jax.random.uniform(k, p.shape) for k, p in zip(keys, leaves)])
+
+    @jax.jit
+    def refill(key):
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(treedef, [1.0 + jax.random.uniform(k, p.shape) for k, p in zip(keys, leaves)])
+
+    return refill(jax.random.key(3))
 
 
 def test_weight_decay_shrinks_matrices_and_leaves_1d_params():
@@ -146,6 +159,7 @@ def test_decay_mask_marks_matrices():
     assert decay_mask(params) == {"w": True, "k": True, "b": False, "s": False}
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def _random_grads(params, key, norm):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
@@ -154,11 +168,15 @@ def _random_grads(params, key, norm):
 
 
 def _run_updates(tx, params, grads_list):
-    state = tx.init(params)
-    for grads in grads_list:
-        updates, state = tx.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-    return params
+    @jax.jit
+    def run(params, grads_list):
+        state = tx.init(params)
+        for grads in grads_list:
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        return params
+
+    return run(params, grads_list)
 
 
 def _max_rel_diff(a, b):

@@ -15,15 +15,14 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def weighted_cross_entropy(model: nn.Module, params: Any, batch: Batch, dropout_key: jax.Array | None
-                           ) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses * weights, sum of weights) for one batch."""
+def token_losses(model: nn.Module, params: Any, batch: Batch, dropout_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """(logits_BTV, per-token cross-entropy_BT); dropout is on when a key is given."""
     deterministic = dropout_key is None
     rngs = {} if deterministic else {"dropout": dropout_key}
     logits_BTV = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                              batch.get("segment_ids"), deterministic=deterministic, rngs=rngs)
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    return jnp.sum(losses_BT * batch["weights"]), jnp.sum(batch["weights"])
+    return logits_BTV, optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
 
 
 def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
@@ -41,7 +40,7 @@ def _gradients(model: nn.Module, params: Any, batch: Batch, dropout_key: jax.Arr
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
     def loss_fn(p: Any, micro: Batch, key: jax.Array | None) -> jax.Array:
-        return weighted_cross_entropy(model, p, micro, key)[0] / total_weight
+        return jnp.sum(token_losses(model, p, micro, key)[1] * micro["weights"]) / total_weight
 
     grad_fn = jax.value_and_grad(loss_fn)
     if grad_accum_steps == 1:
@@ -92,9 +91,7 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
     """Summed loss, weight and correct-token count of one batch (summed again over batches on the host)."""
 
     def eval_step(params: Any, batch: Batch) -> Metrics:
-        logits_BTV = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                                 batch.get("segment_ids"), deterministic=True)
-        losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+        logits_BTV, losses_BT = token_losses(model, params, batch)
         correct_BT = (jnp.argmax(logits_BTV, -1) == batch["targets"]).astype(jnp.float32)
         weights_BT = batch["weights"]
         return {"loss_sum": jnp.sum(losses_BT * weights_BT), "weight_sum": jnp.sum(weights_BT),
