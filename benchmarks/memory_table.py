@@ -20,7 +20,7 @@ MODEL = ["--config.model.num_layers=12", "--config.model.num_heads=12", "--confi
          "--config.model.d_ff=3072", "--config.model.vocab_size=50257", "--config.model.max_len=512",
          "--config.model.positional=learned", "--config.data.seq_len=512", "--config.train.batch_size=16",
          "--config.train.steps_per_dispatch=1"]
-MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "tensor=8": (1, 1, 8), "fsdp=4 x tensor=2": (1, 4, 2),
+MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=2 x tensor=4": (2, 1, 4), "fsdp=4 x tensor=2": (1, 4, 2),
           "data=2 x fsdp=2 x tensor=2": (2, 2, 2)}
 
 

@@ -53,3 +53,12 @@ def test_checkpoint_restores_onto_a_different_mesh_and_training_continues(tmp_pa
     assert sorted(after) == list(range(11, 21)), "the resharded run resumes at step 10"
     for step in range(11, 21):
         assert after[step] == pytest.approx(before[step], rel=1e-5), step
+
+
+def test_indivisible_parameter_sharding_is_named_before_compiling(tmp_path):
+    from llm_jax.training.run import build_run
+
+    config = _config(tensor=8)
+    config.model.update(num_heads=6, d_model=48)
+    with pytest.raises(config_lib.ConfigError, match=r"'heads' dimension \(6\) is split over mesh axes \('tensor',\)"):
+        build_run(config, str(tmp_path))

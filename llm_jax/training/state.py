@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
@@ -9,7 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
+
+from llm_jax.config import ConfigError
 
 from llm_jax.sharding import Rules, replicated
 
@@ -41,13 +44,32 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len:
     params, everything else replicated."""
     tokens_BT = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     boxed = jax.eval_shape(model.init, {"params": jax.random.key(0)}, tokens_BT)["params"]
-    param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    logical_specs = nn.get_partition_spec(boxed)
+    param_shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+    _check_divisible(nn.unbox(boxed), logical_specs, param_shardings)
     abstract = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0))
     opt_shardings = optax.tree_map_params(
         tx, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
         transform_non_params=lambda _: replicated(mesh))
     return TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings,
                       rng=replicated(mesh))
+
+
+def _check_divisible(params: Any, logical_specs: Any, shardings: Any) -> None:
+    """Every sharded parameter dimension must divide by its mesh axes; the error names both, before compiling."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    specs = jax.tree.leaves(logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for (path, leaf), logical, sharding in zip(flat, specs, jax.tree.leaves(shardings)):
+        for dim, (size, mesh_axes) in enumerate(zip(leaf.shape, sharding.spec)):
+            if mesh_axes is None:
+                continue
+            axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+            parts = math.prod(sharding.mesh.shape[axis] for axis in axes)
+            if size % parts:
+                raise ConfigError(
+                    f"parameter {jax.tree_util.keystr(path)} {leaf.shape}: its {logical[dim]!r} dimension ({size}) "
+                    f"is split over mesh axes {axes} ({parts} ways) and does not divide; change the model size "
+                    "(heads, d_model, d_ff) or the mesh, or map the logical axis elsewhere in mesh.logical_axis_rules")
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,

@@ -1,0 +1,588 @@
+"""Runs an experiment's `get_sweep()`: one `llm_jax.train` run per override dict, locally or as TPU/SLURM commands.
+
+    python -m launch.sweep --config=experiments/shakespeare_char.py:quick --sweep_dir=runs/sweep
+    python -m launch.sweep --config=... --sweep_dir=... --parallel=2 -- --config.train.steps=200
+    python -m launch.sweep --config=... --sweep_dir=... --backend=slurm --slurm_gpus_per_node=8
+    python -m launch.report --sweep_dir=runs/sweep        # table, CSV and loss curves
+
+Every run's config is built and validated before anything starts. Runs live in SWEEP_DIR/NAME, where NAME is
+made from the run's overrides (`learning_rate=0.001,d_model=64`); SWEEP_DIR/sweep.json lists them. The local
+backend skips finished runs (final eval logged), so re-running an interrupted sweep finishes only what is left
+(unfinished runs resume from their checkpoints). The tpu and slurm backends print the commands (slurm: writes
+SWEEP_DIR/NAME/job.sbatch) instead of running anything.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+from absl import app, flags
+
+from llm_jax import config as config_lib
+
+SWEEP_FILE = "sweep.json"
+RUN_FILE = "sweep_run.json"
+LOG_FILE = "train.log"
+BACKENDS = ("local", "tpu", "slurm")
+_MAX_NAME = 120
+_TERMINATE_GRACE_S = 120.0  # a SIGTERMed train checkpoints first; after this it is killed
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run; the message names the file, run or key to fix."""
+
+
+@dataclasses.dataclass
+class Run:
+    """One run of a sweep: its name, its overrides, its work directory and planned train.steps."""
+
+    name: str
+    overrides: dict[str, Any]
+    workdir: str = ""
+    steps: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteOptions:
+    """Settings of the tpu and slurm backends."""
+
+    tpu_name: str = "TPU_NAME"
+    zone: str = "ZONE"
+    repo_dir: str = "~/llm_jax"
+    slurm_nodes: int = 1
+    slurm_gpus_per_node: int = 0
+    slurm_time: str = ""
+    slurm_partition: str = ""
+
+
+# ----------------------------------------------------------------------------- expanding and validating
+
+
+def split_config_arg(config_arg: str) -> tuple[str, str | None]:
+    """'experiments/x.py:variant' -> ('experiments/x.py', 'variant'), split like ml_collections does."""
+    path, sep, variant = config_arg.partition(":")
+    return path, (variant if sep else None)
+
+
+def load_experiment(path: str) -> Any:
+    """Imports the experiment file at `path` as a module."""
+    if not os.path.isfile(path):
+        raise SweepError(f"experiment file {path} does not exist; pass --config=experiments/NAME.py[:variant]")
+    spec = importlib.util.spec_from_file_location(f"sweep_experiment_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sweep_dicts(module: Any, path: str) -> list[dict[str, Any]]:
+    """`get_sweep()` of the experiment, checked to be a non-empty list of {dotted key: value} dicts."""
+    if not hasattr(module, "get_sweep"):
+        raise SweepError(f"{path} defines no get_sweep(); add `def get_sweep() -> list[dict]` returning "
+                         "override dicts such as [{'optimizer.learning_rate': 1e-3}, ...]")
+    sweep = module.get_sweep()
+    if not isinstance(sweep, (list, tuple)) or not sweep:
+        raise SweepError(f"get_sweep() of {path} returned {sweep!r}; it must return a non-empty list of dicts")
+    for index, entry in enumerate(sweep):
+        if not isinstance(entry, Mapping) or not all(isinstance(key, str) for key in entry):
+            raise SweepError(f"get_sweep() of {path}: entry {index} is {entry!r}, not a dict of 'section.key' strings")
+    return [dict(entry) for entry in sweep]
+
+
+def format_value(value: Any) -> str:
+    """A value as written on the command line (`--config.k=VALUE`) and in run names."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return repr(tuple(value))
+    return str(value)
+
+
+def _short_keys(sweep: list[dict[str, Any]]) -> dict[str, str]:
+    """Dotted key -> the name it gets in run names: the last part, unless two keys share it."""
+    keys = list(dict.fromkeys(key for overrides in sweep for key in overrides))
+    last = [key.rpartition(".")[2] for key in keys]
+    return {key: short if last.count(short) == 1 else key for key, short in zip(keys, last)}
+
+
+def run_names(sweep: list[dict[str, Any]]) -> list[str]:
+    """Readable, filesystem-safe, unique names: `learning_rate=0.001,d_model=64` (empty overrides: `base`)."""
+    short = _short_keys(sweep)
+    names, seen = [], set()
+    for overrides in sweep:
+        name = ",".join(f"{short[key]}={format_value(value)}" for key, value in overrides.items()) or "base"
+        name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)[:_MAX_NAME].lstrip(".") or "run"
+        unique, count = name, 1
+        while unique in seen:
+            count += 1
+            unique = f"{name}-{count}"
+        seen.add(unique)
+        names.append(unique)
+    return names
+
+
+def parse_extra_args(extra_args: Sequence[str]) -> list[tuple[str, str]]:
+    """The `--config.section.key=value` pairs of the extra train arguments (others pass through unchecked)."""
+    pairs = []
+    for arg in extra_args:
+        if not arg.startswith("--"):
+            raise SweepError(f"extra train argument {arg!r} is not a --flag=value; write e.g. --config.train.steps=20")
+        flag, _, value = arg[2:].partition("=")
+        if flag in ("config", "workdir"):
+            raise SweepError(f"extra train argument {arg!r}: the sweep sets --{flag} itself; remove it")
+        if flag.startswith("config."):
+            if "=" not in arg:
+                raise SweepError(f"extra train argument {arg!r} has no value; write --{flag}=VALUE")
+            pairs.append((flag[len("config."):], value))
+    return pairs
+
+
+def _parse_like(dotted: str, text: str, current: Any) -> Any:
+    """Parses a command-line value with the type of the config field it sets (as config_flags does)."""
+    section, _, name = dotted.partition(".")
+    key = config_lib.SCHEMA.get(section, {}).get(name)
+    kind = type(current) if current is not None else (key.type if key else None)
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise SweepError(f"--config.{dotted}={text}: expected true or false")
+        return text.lower() in ("true", "1")
+    if kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise SweepError(f"--config.{dotted}={text}: expected a {kind.__name__}") from None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _apply(config: Any, dotted: str, value: Any, where: str) -> None:
+    """Sets one dotted key, turning every failure into a SweepError that names `where` and the key."""
+    try:
+        config_lib.override(config, [(dotted, value)])
+    except (config_lib.ConfigError, TypeError, ValueError, KeyError, AttributeError) as error:
+        raise SweepError(f"{where}: cannot set {dotted}={value!r}: {error}") from None
+
+
+def _mesh_device_guess(config: Any) -> int:
+    """The device count a config's mesh asks for, with a -1 axis counted as 1 (for remote backends)."""
+    return math.prod(max(1, int(config.mesh[axis])) for axis in config_lib.MESH_AXES)
+
+
+def build_run_config(module: Any, variant: str | None, overrides: Mapping[str, Any],
+                     extra_pairs: Sequence[tuple[str, str]], where: str) -> Any:
+    """The run's config: get_config(variant), the extra --config args, then the run's overrides."""
+    try:
+        config = module.get_config(variant) if variant is not None else module.get_config()
+    except Exception as error:  # noqa: BLE001 - any failure of user code is reported with its file
+        raise SweepError(f"get_config({variant!r}) failed: {type(error).__name__}: {error}") from None
+    for dotted, text in extra_pairs:
+        section, _, name = dotted.partition(".")
+        if section not in config_lib.SCHEMA or name not in config_lib.SCHEMA[section]:
+            raise SweepError(f"extra train argument --config.{dotted}: unknown config key {dotted}; see docs/config.md")
+        _apply(config, dotted, _parse_like(dotted, text, config[section][name]), "extra train arguments")
+    for dotted, value in overrides.items():
+        _apply(config, dotted, value, where)
+    return config
+
+
+def _validate(config: Any, num_devices: int | None, where: str) -> None:
+    devices = num_devices or _mesh_device_guess(config)
+    try:
+        config_lib.validate(config, devices)
+    except config_lib.ConfigError as error:
+        raise SweepError(f"{where}: {error} (checked for {devices} device(s) per run)") from None
+
+
+def expand_sweep(config_arg: str, sweep_dir: str = "", extra_args: Sequence[str] = (),
+                 num_devices: int | None = 1) -> list[Run]:
+    """Expands and validates the sweep of `config_arg` (experiment[:variant]); raises SweepError on any bad run.
+
+    `num_devices` is the device count each run is validated for (None: what the config's mesh asks for).
+    """
+    path, variant = split_config_arg(config_arg)
+    module = load_experiment(path)
+    sweep = _sweep_dicts(module, path)
+    extra_pairs = parse_extra_args(extra_args)
+    runs = []
+    for name, overrides in zip(run_names(sweep), sweep):
+        clash = sorted(set(overrides) & {dotted for dotted, _ in extra_pairs})
+        if clash:
+            raise SweepError(f"run {name}: {', '.join(clash)} is both swept and set by an extra train argument; "
+                             "remove one of them")
+        where = f"run {name} of {path}"
+        config = build_run_config(module, variant, overrides, extra_pairs, where)
+        _validate(config, num_devices, where)
+        runs.append(Run(name, overrides, os.path.join(sweep_dir, name) if sweep_dir else "", int(config.train.steps)))
+    return runs
+
+
+# ----------------------------------------------------------------------------- state on disk
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of DIR/metrics.jsonl ([] if missing); a torn last line (killed run) is ignored."""
+    records = []
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        return []
+    return [record for record in records if isinstance(record, dict) and "step" in record]
+
+
+def is_finished(workdir: str, planned_steps: int | None = None) -> bool:
+    """Whether the run in `workdir` logged its final eval (eval/loss at step == train.steps of its config.json).
+
+    With `planned_steps`, a run whose config.json has a different train.steps is not finished (it will resume).
+    """
+    saved = _read_json(os.path.join(workdir, "config.json"))
+    try:
+        steps = int(saved["config"]["train"]["steps"])
+    except (TypeError, KeyError, ValueError):
+        return False
+    if planned_steps is not None and steps != planned_steps:
+        return False
+    return any("eval/loss" in record and record["step"] == steps for record in read_metrics(workdir))
+
+
+def _json_ready(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def sweep_record(config_arg: str, backend: str, extra_args: Sequence[str], runs: Sequence[Run]) -> dict:
+    """The content of SWEEP_DIR/sweep.json."""
+    path, variant = split_config_arg(config_arg)
+    return {"config": config_arg, "experiment": path, "variant": variant, "backend": backend,
+            "extra_args": list(extra_args),
+            "runs": [{"name": run.name, "overrides": {k: _json_ready(v) for k, v in run.overrides.items()},
+                      "workdir": run.workdir} for run in runs]}
+
+
+def write_sweep_file(sweep_dir: str, record: dict) -> None:
+    """Writes SWEEP_DIR/sweep.json, warning when it replaces a sweep with other settings."""
+    path = os.path.join(sweep_dir, SWEEP_FILE)
+    old = _read_json(path)
+    if old and any(old.get(key) != record[key] for key in ("experiment", "variant", "extra_args")):
+        print(f"warning: {path} described another sweep ({old.get('config')} {old.get('extra_args')}); "
+              "replacing it", flush=True)
+    os.makedirs(sweep_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, default=str)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def train_args(config_arg: str, run: Run, extra_args: Sequence[str]) -> list[str]:
+    """The `llm_jax.train` arguments of one run: extra args first, the run's overrides last."""
+    overrides = [f"--config.{key}={format_value(value)}" for key, value in run.overrides.items()]
+    return [f"--config={config_arg}", f"--workdir={run.workdir}", *extra_args, *overrides]
+
+
+def _remote_path(path: str) -> str:
+    """Shell-quotes a path but keeps a leading ~/ expandable."""
+    if path == "~" or path.startswith("~/"):
+        rest = path[2:]
+        return "~/" + (shlex.quote(rest) if rest else "")
+    return shlex.quote(path)
+
+
+def tpu_command(config_arg: str, run: Run, extra_args: Sequence[str], options: RemoteOptions) -> str:
+    """One `gcloud compute tpus tpu-vm ssh ... --worker=all --command='cd REPO && python -m llm_jax.train ...'`."""
+    train = shlex.join(["python", "-m", "llm_jax.train", *train_args(config_arg, run, extra_args)])
+    inner = f"cd {_remote_path(options.repo_dir)} && {train}"
+    return shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "ssh", options.tpu_name, f"--zone={options.zone}",
+                       "--worker=all"]) + " --command=" + shlex.quote(inner)
+
+
+def sbatch_script(config_arg: str, run: Run, extra_args: Sequence[str], options: RemoteOptions,
+                  sweep_name: str) -> str:
+    """A SLURM batch script that runs one sweep run with `srun` (one task per node)."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={sweep_name}-{run.name}"[:200],
+             f"#SBATCH --output={os.path.join(run.workdir, 'slurm-%j.out')}",
+             f"#SBATCH --nodes={options.slurm_nodes}", "#SBATCH --ntasks-per-node=1"]
+    if options.slurm_gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={options.slurm_gpus_per_node}")
+    if options.slurm_time:
+        lines.append(f"#SBATCH --time={options.slurm_time}")
+    if options.slurm_partition:
+        lines.append(f"#SBATCH --partition={options.slurm_partition}")
+    train = shlex.join(["srun", "python", "-m", "llm_jax.train", *train_args(config_arg, run, extra_args)])
+    return "\n".join([*lines, "", "set -euo pipefail", f"cd {_remote_path(options.repo_dir)}", train, ""])
+
+
+def _print_tpu(config_arg: str, runs: Sequence[Run], extra_args: Sequence[str], options: RemoteOptions) -> None:
+    print(f"# {len(runs)} runs; run these one after another (each uses every worker of {options.tpu_name}):")
+    for run in runs:
+        print(tpu_command(config_arg, run, extra_args, options))
+
+
+def _write_slurm(config_arg: str, runs: Sequence[Run], extra_args: Sequence[str], options: RemoteOptions,
+                 sweep_dir: str) -> None:
+    sweep_name = os.path.basename(os.path.normpath(sweep_dir)) or "sweep"
+    print(f"# {len(runs)} job scripts written; submit them with:")
+    for run in runs:
+        os.makedirs(run.workdir, exist_ok=True)
+        script = os.path.join(run.workdir, "job.sbatch")
+        with open(script, "w", encoding="utf-8") as f:
+            f.write(sbatch_script(config_arg, run, extra_args, options, sweep_name))
+        print(shlex.join(["sbatch", script]))
+
+
+# ----------------------------------------------------------------------------- local runs
+
+
+def slot_devices(slot: int, devices_per_run: int) -> str:
+    """CUDA_VISIBLE_DEVICES of a parallel slot: slot 1 with 2 devices per run -> '2,3'."""
+    return ",".join(str(slot * devices_per_run + index) for index in range(devices_per_run))
+
+
+@dataclasses.dataclass
+class _Active:
+    run: Run
+    process: subprocess.Popen
+    log: Any
+    slot: int
+    started: float
+    command: list[str]
+    devices: str | None
+    terminated_at: float | None = None
+    status: str | None = None
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _start(run: Run, command: list[str], slot: int, devices_per_run: int, env: Mapping[str, str] | None) -> _Active:
+    os.makedirs(run.workdir, exist_ok=True)
+    child_env = dict(os.environ if env is None else env)
+    devices = slot_devices(slot, devices_per_run) if devices_per_run else None
+    if devices is not None:
+        child_env["CUDA_VISIBLE_DEVICES"] = devices
+    log = open(os.path.join(run.workdir, LOG_FILE), "a", encoding="utf-8")
+    log.write(f"# {_now()} launch.sweep: {shlex.join(command)}\n")
+    log.flush()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+    where = f" on CUDA_VISIBLE_DEVICES={devices}" if devices is not None else ""
+    print(f"start {run.name}{where} (log: {log.name})", flush=True)
+    return _Active(run, process, log, slot, time.time(), command, devices)
+
+
+def _log_tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _finish(active: _Active, returncode: int) -> str:
+    """Writes DIR/NAME/sweep_run.json for a finished process and prints its outcome; returns its status."""
+    active.log.close()
+    wall = time.time() - active.started
+    status = active.status or ("ok" if returncode == 0 else "failed")
+    path = os.path.join(active.run.workdir, RUN_FILE)
+    previous = _read_json(path) or {}
+    total = wall + (previous.get("total_wall_seconds", 0.0) if previous.get("status") != "ok" else 0.0)
+    record = {"name": active.run.name, "overrides": {k: _json_ready(v) for k, v in active.run.overrides.items()},
+              "status": status, "returncode": returncode, "wall_seconds": round(wall, 3),
+              "total_wall_seconds": round(total, 3), "started": datetime.datetime.fromtimestamp(
+                  active.started).astimezone().isoformat(timespec="seconds"), "finished": _now(),
+              "command": active.command, "cuda_visible_devices": active.devices}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, default=str)
+        f.write("\n")
+    print(f"{status} {active.run.name} (exit {returncode}, {wall:.1f}s)", flush=True)
+    if status != "ok":
+        print(f"--- last lines of {active.log.name}:\n{_log_tail(active.log.name)}---", flush=True)
+    return status
+
+
+class _Interrupted(Exception):
+    """SIGTERM (or Ctrl-C) reached the sweep."""
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise _Interrupted(signum)
+
+
+def _stop_all(active: dict[int, _Active], reason: str) -> None:
+    """SIGTERMs the train processes (they checkpoint and exit), waits, kills what outlives the grace period."""
+    for item in active.values():
+        item.status = reason
+        if item.process.poll() is None:
+            item.process.send_signal(signal.SIGTERM)
+    deadline = time.time() + _TERMINATE_GRACE_S
+    for item in list(active.values()):
+        try:
+            item.process.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            item.process.kill()
+            item.process.wait()
+        _finish(item, item.process.returncode)
+    active.clear()
+
+
+def _poll(active: dict[int, _Active], run_timeout: float, failed: list[str]) -> None:
+    """Finishes the processes that exited; SIGTERMs (then kills) runs over `run_timeout` seconds."""
+    for slot, item in list(active.items()):
+        returncode = item.process.poll()
+        if returncode is not None:
+            if _finish(item, returncode) != "ok":
+                failed.append(item.run.name)
+            del active[slot]
+        elif run_timeout and time.time() - item.started > run_timeout:
+            if item.terminated_at is None:
+                print(f"timeout {item.run.name}: over {run_timeout:.0f}s, sending SIGTERM", flush=True)
+                item.status, item.terminated_at = "timeout", time.time()
+                item.process.send_signal(signal.SIGTERM)
+            elif time.time() - item.terminated_at > _TERMINATE_GRACE_S:
+                item.process.kill()
+
+
+def run_local(config_arg: str, runs: Sequence[Run], extra_args: Sequence[str], parallel: int = 1,
+              devices_per_run: int = 0, env: Mapping[str, str] | None = None, run_timeout: float = 0.0) -> list[str]:
+    """Runs `runs` with `python -m llm_jax.train`, `parallel` at a time; returns the names of failed runs."""
+    path, variant = split_config_arg(config_arg)
+    absolute_config = os.path.abspath(path) + (f":{variant}" if variant is not None else "")
+    pending, active, failed = list(runs), {}, []
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while pending or active:
+            for slot in range(parallel):
+                if pending and slot not in active:
+                    run = pending.pop(0)
+                    command = [sys.executable, "-m", "llm_jax.train", *train_args(absolute_config, run, extra_args)]
+                    active[slot] = _start(run, command, slot, devices_per_run, env)
+            time.sleep(0.2)
+            _poll(active, run_timeout, failed)
+    except _Interrupted as signum:
+        print(f"signal {signum}: stopping {len(active)} running train process(es); re-run the sweep to resume",
+              flush=True)
+        _stop_all(active, "interrupted")
+        raise SystemExit(130) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return failed
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _todo(runs: Sequence[Run]) -> list[Run]:
+    """The runs not yet finished, printing a `skip` line for each finished one."""
+    todo = []
+    for run in runs:
+        if is_finished(run.workdir, run.steps):
+            print(f"skip {run.name}: finished ({run.steps} steps)", flush=True)
+        else:
+            todo.append(run)
+    return todo
+
+
+def run_sweep(config_arg: str, sweep_dir: str, backend: str = "local", extra_args: Sequence[str] = (),
+              parallel: int = 1, dry_run: bool = False, devices_per_run: int = 0, num_devices: int = 0,
+              remote: RemoteOptions = RemoteOptions(), env: Mapping[str, str] | None = None,
+              run_timeout: float = 0.0) -> list[str]:
+    """Validates every run, writes sweep.json, then runs (local) or prints (tpu, slurm, dry run) the runs.
+
+    Returns the names of the runs that failed. `num_devices` (0 = devices_per_run or 1 locally, the config's
+    mesh for tpu/slurm) is the device count each run is validated for.
+    """
+    if backend not in BACKENDS:
+        raise SweepError(f"--backend={backend}: use one of {', '.join(BACKENDS)}")
+    if parallel < 1:
+        raise SweepError(f"--parallel={parallel} must be >= 1")
+    devices = num_devices or (devices_per_run or 1 if backend == "local" else None)
+    runs = expand_sweep(config_arg, sweep_dir, extra_args, devices)
+    print(f"sweep of {len(runs)} runs of {config_arg} in {sweep_dir} ({backend})", flush=True)
+    if backend == "local" and dry_run:
+        for run in _todo(runs):
+            print(shlex.join(["python", "-m", "llm_jax.train", *train_args(config_arg, run, extra_args)]))
+        return []
+    write_sweep_file(sweep_dir, sweep_record(config_arg, backend, extra_args, runs))
+    todo = _todo(runs)
+    if backend == "tpu":
+        _print_tpu(config_arg, todo, extra_args, remote)
+        return []
+    if backend == "slurm":
+        _write_slurm(config_arg, todo, extra_args, remote, sweep_dir)
+        return []
+    failed = run_local(config_arg, todo, extra_args, parallel, devices_per_run, env, run_timeout)
+    print(f"done: {len(todo) - len(failed)} ran, {len(runs) - len(todo)} skipped, {len(failed)} failed", flush=True)
+    return failed
+
+
+# ----------------------------------------------------------------------------- command line
+
+_CONFIG = flags.DEFINE_string("config", None, "experiment file with get_sweep(), e.g. experiments/x.py[:variant]")
+_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "directory of sweep.json and one work directory per run")
+_BACKEND = flags.DEFINE_enum("backend", "local", BACKENDS, "local: run here; tpu/slurm: print the commands")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "local runs at a time")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "local: print the train commands instead of running them")
+_DEVICES_PER_RUN = flags.DEFINE_integer("devices_per_run", 0, "local GPUs per run: slot i gets CUDA_VISIBLE_DEVICES "
+                                        "i*N..i*N+N-1 (0 = leave CUDA_VISIBLE_DEVICES alone)")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "devices per run to validate configs for (0 = devices_per_run "
+                                    "or 1 locally; the config's mesh for tpu/slurm)")
+_RUN_TIMEOUT = flags.DEFINE_float("run_timeout", 0.0, "local: SIGTERM a run after this many seconds (0 = none)")
+_TPU_NAME = flags.DEFINE_string("tpu_name", "TPU_NAME", "tpu: the TPU VM name")
+_ZONE = flags.DEFINE_string("zone", "ZONE", "tpu: the TPU VM zone")
+_REPO_DIR = flags.DEFINE_string("repo_dir", "~/llm_jax", "tpu/slurm: this repository's path on the remote machines")
+_SLURM_NODES = flags.DEFINE_integer("slurm_nodes", 1, "slurm: nodes per run (one train process per node)")
+_SLURM_GPUS = flags.DEFINE_integer("slurm_gpus_per_node", 0, "slurm: #SBATCH --gpus-per-node (0 = omit)")
+_SLURM_TIME = flags.DEFINE_string("slurm_time", "", "slurm: #SBATCH --time, e.g. 04:00:00 (empty = omit)")
+_SLURM_PARTITION = flags.DEFINE_string("slurm_partition", "", "slurm: #SBATCH --partition (empty = omit)")
+flags.mark_flags_as_required(["config", "sweep_dir"])
+
+
+def _remote_options() -> RemoteOptions:
+    return RemoteOptions(_TPU_NAME.value, _ZONE.value, _REPO_DIR.value, _SLURM_NODES.value, _SLURM_GPUS.value,
+                         _SLURM_TIME.value, _SLURM_PARTITION.value)
+
+
+def main(argv: list[str]) -> None:
+    extra_args = argv[1:]  # everything after `--`
+    try:
+        failed = run_sweep(_CONFIG.value, _SWEEP_DIR.value, _BACKEND.value, extra_args, _PARALLEL.value,
+                           _DRY_RUN.value, _DEVICES_PER_RUN.value, _NUM_DEVICES.value, _remote_options(),
+                           run_timeout=_RUN_TIMEOUT.value)
+    except SweepError as error:
+        raise SystemExit(f"error: {error}") from None
+    if failed:
+        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)} "
+                         f"(see {_SWEEP_DIR.value}/NAME/{LOG_FILE}); re-run the sweep to retry them")
+
+
+if __name__ == "__main__":
+    app.run(main)
