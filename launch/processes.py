@@ -142,12 +142,11 @@ def stop_all(children: Sequence[Child], grace_seconds: float, first_signal: int 
             log(f"process {child.index} (pid {child.pid}) survived SIGKILL for 10s; giving up on it")
 
 
-def finish(children: Sequence[Child]) -> None:
-    """Joins the output readers (bounded: a grandchild may hold the pipe open) and closes the log files."""
+def join_readers(children: Sequence[Child]) -> None:
+    """Joins the output readers; bounded, since a grandchild may still hold a pipe open."""
     for child in children:
         if child.reader is not None:
             child.reader.join(timeout=5)
-        child.sink.close()
 
 
 def log(message: str) -> None:
@@ -273,4 +272,6 @@ def run_group(commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str
             return supervise(children, exits, forwarder, timeouts)
         finally:
             stop_all(children, timeouts.grace)
-            finish(children)
+            join_readers(children)
+            for sink in sinks:
+                sink.close()

@@ -83,7 +83,10 @@ def load_experiment(path: str) -> Any:
         raise SweepError(f"experiment file {path} does not exist; pass --config=experiments/NAME.py[:variant]")
     spec = importlib.util.spec_from_file_location(f"sweep_experiment_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # noqa: BLE001 - any failure of user code is reported with its file
+        raise SweepError(f"cannot import experiment file {path}: {type(error).__name__}: {error}") from None
     return module
 
 
@@ -486,11 +489,12 @@ def run_local(config_arg: str, runs: Sequence[Run], extra_args: Sequence[str], p
                     active[slot] = _start(run, command, slot, devices_per_run, env)
             time.sleep(0.2)
             _poll(active, run_timeout, failed)
-    except _Interrupted as signum:
+    except _Interrupted as interrupt:
+        signum = interrupt.args[0]
         print(f"signal {signum}: stopping {len(active)} running train process(es); re-run the sweep to resume",
               flush=True)
         _stop_all(active, "interrupted")
-        raise SystemExit(130) from None
+        raise SystemExit(128 + signum) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -60,5 +60,5 @@ def test_indivisible_parameter_sharding_is_named_before_compiling(tmp_path):
 
     config = _config(tensor=8)
     config.model.update(num_heads=6, d_model=48)
-    with pytest.raises(config_lib.ConfigError, match=r"'heads' dimension \(6\) is split over mesh axes \('tensor',\)"):
+    with pytest.raises(config_lib.ConfigError, match=r"'(kv_)?heads' dimension \(6\) is split over mesh axes \('tensor',\)"):
         build_run(config, str(tmp_path))
