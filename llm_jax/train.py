@@ -33,6 +33,10 @@ def _run() -> None:
     distributed.initialize(distributed.DistributedOptions(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, initialization_timeout_s=_INIT_TIMEOUT.value,
         heartbeat_timeout_s=_INIT_TIMEOUT.value))
+    import jax
+
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # one process reports progress; all report problems
     from llm_jax.training import aot, loop  # after jax.distributed: these modules may touch devices
 
     if _COMPILE_ONLY.value:

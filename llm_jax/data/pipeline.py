@@ -10,13 +10,13 @@ import dataclasses
 import os
 from typing import Callable, Iterator
 
+import jax
 import ml_collections
-import numpy as np
 
 from llm_jax.config import ConfigError
 from llm_jax.data import lm_batches
 from llm_jax.data.sources import SOURCES
-from llm_jax.data.tokenizers import TOKENIZERS, Tokenizer, load_tokenizer
+from llm_jax.data.tokenizers import TOKENIZER_FILE, TOKENIZERS, Tokenizer, load_tokenizer
 
 SPLITS = ("train", "validation")
 
@@ -29,15 +29,16 @@ class LMData:
 
 
 def _tokenizer_for(config: ml_collections.ConfigDict, text: str, tokenizer_dir: str | None) -> Tokenizer:
-    """The run's tokenizer: loaded from DIR/tokenizer when the run already has one, else fitted and saved."""
-    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+    """The run's tokenizer: loaded from DIR/tokenizer when the run already has one, else fitted (the same
+    on every process) and saved by process 0."""
+    if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
         tokenizer = load_tokenizer(tokenizer_dir)
         if tokenizer.kind != config.data.tokenizer:
             raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} but {tokenizer_dir} holds a "
                               f"{tokenizer.kind!r} tokenizer; use a fresh --workdir")
         return tokenizer
     tokenizer = TOKENIZERS.get(config.data.tokenizer).fit(text)
-    if tokenizer_dir:
+    if tokenizer_dir and jax.process_index() == 0:
         tokenizer.save(tokenizer_dir)
     return tokenizer
 

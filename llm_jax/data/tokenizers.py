@@ -31,8 +31,10 @@ TOKENIZERS: Registry = Registry("tokenizer")
 
 def _write_spec(directory: str, spec: dict) -> None:
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
+    path = os.path.join(directory, TOKENIZER_FILE)
+    with open(path + ".tmp", "w") as f:
         json.dump(spec, f, ensure_ascii=False)
+    os.replace(path + ".tmp", path)  # readers never see a half-written file
 
 
 @TOKENIZERS.register("char")
