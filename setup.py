@@ -22,6 +22,7 @@ setup(
         "grain>=0.2.10",
         "tensorboard>=2.16",
         "numpy>=1.26",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

@@ -20,22 +20,22 @@ from typing import Callable, Mapping, Sequence
 
 from absl import app, flags
 
-from launch.processes import LineSink, Timeouts, free_port, log, run_group
+from launch.processes import LineSink, Timeouts, check_train_args, free_port, log, run_group
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-DISTRIBUTED_FLAGS = ("--coordinator_address", "--num_processes", "--process_id")
 HOST = "127.0.0.1"
 
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "processes to start", lower_bound=1)
-_DEVICES_PER_PROCESS = flags.DEFINE_integer("devices_per_process", 1, "simulated CPU devices in each process",
-                                            lower_bound=1)
-_PORT = flags.DEFINE_integer("port", 0, "coordinator port on 127.0.0.1; 0 = a free port", lower_bound=0)
-# --log_dir is absl.logging's own flag (unused by this launcher's logging): DIR/process_I.log and .pid.
-_LOG_DIR = flags.FLAGS["log_dir"]
-_GRACE = flags.DEFINE_float("grace_period", 10.0, "seconds between SIGTERM and SIGKILL when stopping processes")
-_STOP_TIMEOUT = flags.DEFINE_float("stop_timeout", 120.0, "seconds the processes get to checkpoint and exit "
-                                   "after a forwarded SIGINT/SIGTERM before they are killed")
-_TIMEOUT = flags.DEFINE_float("timeout", 0.0, "stop the whole job after this many seconds (exit 124); 0 = no limit")
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program: importing this module defines none)."""
+    flags.DEFINE_integer("num_processes", 2, "processes to start", lower_bound=1)
+    flags.DEFINE_integer("devices_per_process", 1, "simulated CPU devices in each process", lower_bound=1)
+    flags.DEFINE_integer("port", 0, "coordinator port on 127.0.0.1; 0 = a free port", lower_bound=0)
+    # --log_dir is absl.logging's own flag (this launcher logs without absl): DIR/process_I.log and .pid
+    flags.DEFINE_float("grace_period", 10.0, "seconds between SIGTERM and SIGKILL when stopping processes")
+    flags.DEFINE_float("stop_timeout", 120.0, "seconds the processes get to checkpoint and exit after a forwarded "
+                       "SIGINT/SIGTERM before they are killed")
+    flags.DEFINE_float("timeout", 0.0, "stop the whole job after this many seconds (exit 124); 0 = no limit")
 
 
 def xla_flags_with_device_count(existing: str, count: int) -> str:
@@ -51,17 +51,6 @@ def process_env(base: Mapping[str, str], devices_per_process: int) -> dict[str, 
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the launcher as they are printed, not at exit
     return env
-
-
-def check_train_args(train_args: Sequence[str]) -> None:
-    """Rejects arguments the launcher sets itself, and an empty argument list."""
-    if not train_args:
-        raise ValueError("no llm_jax.train arguments: give them after `--`, e.g. "
-                         "-- --config=experiments/python_docs.py:quick --workdir=runs/local")
-    for arg in train_args:
-        name = arg.split("=", 1)[0]
-        if name in DISTRIBUTED_FLAGS:
-            raise ValueError(f"{name} is set by the launcher for each process; remove it from the train arguments")
 
 
 def train_command(train_args: Sequence[str], num_processes: int, process_id: int, port: int) -> list[str]:
@@ -108,7 +97,7 @@ def launch(train_args: list[str], num_processes: int, devices_per_process: int, 
     check_train_args(train_args)
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError(f"num_processes={num_processes} and devices_per_process={devices_per_process} must be >= 1")
-    port = port or free_port(HOST)
+    port = port or free_port()
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
     child_env = process_env(os.environ if env is None else env, devices_per_process)
@@ -122,10 +111,11 @@ def launch(train_args: list[str], num_processes: int, devices_per_process: int, 
 
 
 def main(argv: list[str]) -> None:
-    timeouts = Timeouts(grace=_GRACE.value, stop=_STOP_TIMEOUT.value, total=_TIMEOUT.value or None)
+    f = flags.FLAGS
+    timeouts = Timeouts(grace=f.grace_period, stop=f.stop_timeout, total=f.timeout or None)
     try:
-        status = launch(argv[1:], _NUM_PROCESSES.value, _DEVICES_PER_PROCESS.value, port=_PORT.value or None,
-                        log_dir=_LOG_DIR.value, timeouts=timeouts)
+        status = launch(argv[1:], f.num_processes, f.devices_per_process, port=f.port or None,
+                        log_dir=f.log_dir or None, timeouts=timeouts)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
     except OSError as error:  # e.g. --log_dir not writable
@@ -134,4 +124,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import queue
 import signal
@@ -19,15 +20,31 @@ import threading
 import time
 from typing import Callable, Mapping, Sequence, TextIO
 
+DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id")
 TAIL_LINES = 40
 POLL_SECONDS = 0.1
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the kernel picks it when binding to port 0)."""
+def free_port(host: str = "") -> int:
+    """A TCP port nobody listens on right now (the kernel picks it when binding to port 0).
+
+    The default host is every interface, as the JAX coordinator binds its port on all of them.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def check_train_args(train_args: Sequence[str]) -> None:
+    """Rejects an empty llm_jax.train argument list, and the process flags launchers set themselves."""
+    if not train_args:
+        raise ValueError("no llm_jax.train arguments: give them after `--`, e.g. "
+                         "-- --config=experiments/python_docs.py:quick --workdir=runs/local")
+    for arg in train_args:
+        name = arg.split("=", 1)[0].lstrip("-")
+        if arg.startswith("-") and name in DISTRIBUTED_FLAGS:
+            raise ValueError(f"--{name} is set by the launcher (or found by jax on TPU pods and SLURM); "
+                             "remove it from the train arguments")
 
 
 def describe_status(returncode: int) -> str:
@@ -126,14 +143,17 @@ def start_child(index: int, command: Sequence[str], env: Mapping[str, str], cwd:
 
 def stop_all(children: Sequence[Child], grace_seconds: float, first_signal: int = signal.SIGTERM) -> None:
     """Sends `first_signal` to every running child, then SIGKILL to those still running after the grace period."""
+    if first_signal != signal.SIGKILL:
+        for child in children:
+            child.signal_group(first_signal)
+        deadline = time.monotonic() + grace_seconds
+        while any(child.running() for child in children) and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+        for child in children:
+            if child.running():
+                log(f"process {child.index} (pid {child.pid}) still running {grace_seconds:g}s after signal "
+                    f"{first_signal}: SIGKILL")
     for child in children:
-        child.signal_group(first_signal)
-    deadline = time.monotonic() + grace_seconds
-    while any(child.running() for child in children) and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
-    for child in children:
-        if child.running():
-            log(f"process {child.index} (pid {child.pid}) ignored signal {first_signal} for {grace_seconds:g}s: SIGKILL")
         child.signal_group(signal.SIGKILL)
     for child in children:
         try:
@@ -193,7 +213,8 @@ class Timeouts:
 def report_failure(child: Child, returncode: int) -> None:
     """Names the failed child, its status, and the last lines it printed."""
     log(f"process {child.index} (pid {child.pid}) {describe_status(returncode)}; stopping the other processes")
-    child.reader is not None and child.reader.join(timeout=2)
+    if child.reader is not None:
+        child.reader.join(timeout=2)  # the last lines it printed before dying
     tail = "".join(child.tail)
     if tail:
         sys.stderr.write(f"[launcher] last {len(child.tail)} lines of process {child.index}:\n{tail}")
@@ -202,7 +223,7 @@ def report_failure(child: Child, returncode: int) -> None:
 
 def _forward_stop(children: Sequence[Child], forwarder: SignalForwarder, handled: int,
                   stop_deadline: float | None, timeouts: Timeouts) -> tuple[int, float | None]:
-    """Forwards newly received signals; a second one (or the stop timeout) escalates to SIGKILL."""
+    """Forwards newly received signals; a second one, or the stop timeout, escalates to SIGKILL."""
     for signum in forwarder.received[handled:]:
         if stop_deadline is None:
             log(f"received signal {signum}: forwarding it to {len(children)} processes")
@@ -212,9 +233,11 @@ def _forward_stop(children: Sequence[Child], forwarder: SignalForwarder, handled
         else:
             log(f"received signal {signum} again: killing all processes")
             stop_all(children, 0, signal.SIGKILL)
+            stop_deadline = math.inf
     if stop_deadline is not None and time.monotonic() > stop_deadline:
         log(f"processes still running {timeouts.stop:g}s after the forwarded signal: killing them")
         stop_all(children, 0, signal.SIGKILL)
+        stop_deadline = math.inf
     return len(forwarder.received), stop_deadline
 
 
@@ -253,6 +276,8 @@ def supervise(children: Sequence[Child], exits: queue.Queue, forwarder: SignalFo
         elif not forwarder.received:
             report_failure(children[index], returncode)
             stop_all(children, timeouts.grace)
+            join_readers(children)  # their last lines first, then the verdict
+            log(f"stopped all processes because process {index} {describe_status(returncode)}")
             return shell_status(returncode)
     return 128 + forwarder.received[0] if forwarder.received else 0
 

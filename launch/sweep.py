@@ -26,8 +26,9 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import app, flags
 
@@ -61,7 +62,7 @@ class RemoteOptions:
 
     tpu_name: str = "TPU_NAME"
     zone: str = "ZONE"
-    repo_dir: str = "~/llm_jax"
+    repo_dir: str = ""  # "" = llm_jax (in $HOME) on TPU VMs, this directory for slurm (a shared file system)
     slurm_nodes: int = 1
     slurm_gpus_per_node: int = 0
     slurm_time: str = ""
@@ -161,13 +162,14 @@ def _parse_like(dotted: str, text: str, current: Any) -> Any:
     kind = type(current) if current is not None else (key.type if key else None)
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0"):
-            raise SweepError(f"--config.{dotted}={text}: expected true or false")
+            raise SweepError(f"extra train argument --config.{dotted}={text}: expected true or false")
         return text.lower() in ("true", "1")
     if kind in (int, float, str):
         try:
             return kind(text)
         except ValueError:
-            raise SweepError(f"--config.{dotted}={text}: expected a {kind.__name__}") from None
+            expected = {int: "an integer", float: "a number", str: "a string"}[kind]
+            raise SweepError(f"extra train argument --config.{dotted}={text}: expected {expected}") from None
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -209,7 +211,8 @@ def _validate(config: Any, num_devices: int | None, where: str) -> None:
     try:
         config_lib.validate(config, devices)
     except config_lib.ConfigError as error:
-        raise SweepError(f"{where}: {error} (checked for {devices} device(s) per run)") from None
+        raise SweepError(f"{where}: {error} (checked for {devices} device(s) per run; --num_devices sets "
+                         "another count)") from None
 
 
 def expand_sweep(config_arg: str, sweep_dir: str = "", extra_args: Sequence[str] = (),
@@ -321,30 +324,37 @@ def _remote_path(path: str) -> str:
 
 def tpu_command(config_arg: str, run: Run, extra_args: Sequence[str], options: RemoteOptions) -> str:
     """One `gcloud compute tpus tpu-vm ssh ... --worker=all --command='cd REPO && python -m llm_jax.train ...'`."""
-    train = shlex.join(["python", "-m", "llm_jax.train", *train_args(config_arg, run, extra_args)])
-    inner = f"cd {_remote_path(options.repo_dir)} && {train}"
+    train = shlex.join(["python3", "-m", "llm_jax.train", *train_args(config_arg, run, extra_args)])
+    inner = f"cd {_remote_path(options.repo_dir or 'llm_jax')} && PYTHONUNBUFFERED=1 {train}"
     return shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "ssh", options.tpu_name, f"--zone={options.zone}",
                        "--worker=all"]) + " --command=" + shlex.quote(inner)
 
 
 def sbatch_script(config_arg: str, run: Run, extra_args: Sequence[str], options: RemoteOptions,
                   sweep_name: str) -> str:
-    """A SLURM batch script that runs one sweep run with `srun` (one task per node)."""
+    """A SLURM batch script that runs one sweep run with `srun`: one task per GPU (per node without GPUs).
+
+    llm_jax.train starts jax.distributed from the SLURM environment when there is more than one task.
+    """
+    gpus = options.slurm_gpus_per_node
     lines = ["#!/bin/bash", f"#SBATCH --job-name={sweep_name}-{run.name}"[:200],
              f"#SBATCH --output={os.path.join(run.workdir, 'slurm-%j.out')}",
-             f"#SBATCH --nodes={options.slurm_nodes}", "#SBATCH --ntasks-per-node=1"]
-    if options.slurm_gpus_per_node:
-        lines.append(f"#SBATCH --gpus-per-node={options.slurm_gpus_per_node}")
+             f"#SBATCH --nodes={options.slurm_nodes}", f"#SBATCH --ntasks-per-node={gpus or 1}"]
+    if gpus:
+        lines.append(f"#SBATCH --gpus-per-node={gpus}")
     if options.slurm_time:
         lines.append(f"#SBATCH --time={options.slurm_time}")
     if options.slurm_partition:
         lines.append(f"#SBATCH --partition={options.slurm_partition}")
-    train = shlex.join(["srun", "python", "-m", "llm_jax.train", *train_args(config_arg, run, extra_args)])
-    return "\n".join([*lines, "", "set -euo pipefail", f"cd {_remote_path(options.repo_dir)}", train, ""])
+    train = shlex.join(["srun", "--kill-on-bad-exit=1", "python", "-m", "llm_jax.train",
+                        *train_args(config_arg, run, extra_args)])
+    repo_dir = _remote_path(options.repo_dir or os.getcwd())
+    return "\n".join([*lines, "", "set -euo pipefail", f"cd {repo_dir}", "export PYTHONUNBUFFERED=1", train, ""])
 
 
 def _print_tpu(config_arg: str, runs: Sequence[Run], extra_args: Sequence[str], options: RemoteOptions) -> None:
-    print(f"# {len(runs)} runs; run these one after another (each uses every worker of {options.tpu_name}):")
+    print(f"# {len(runs)} runs; with the workers set up (python -m launch.tpu prints the setup command), run these "
+          f"one after another (each uses every worker of {options.tpu_name}):")
     for run in runs:
         print(tpu_command(config_arg, run, extra_args, options))
 
@@ -414,6 +424,10 @@ def _finish(active: _Active, returncode: int) -> str:
     active.log.close()
     wall = time.time() - active.started
     status = active.status or ("ok" if returncode == 0 else "failed")
+    if status == "ok" and not is_finished(active.run.workdir, active.run.steps):
+        status = "unfinished"  # e.g. metrics.jsonl lost its final eval while the last checkpoint survived
+        print(f"{active.run.name}: train exited 0 but {active.run.workdir}/metrics.jsonl has no eval/loss at step "
+              f"{active.run.steps}; delete {active.run.workdir} to train it again", flush=True)
     path = os.path.join(active.run.workdir, RUN_FILE)
     previous = _read_json(path) or {}
     total = wall + (previous.get("total_wall_seconds", 0.0) if previous.get("status") != "ok" else 0.0)
@@ -431,12 +445,21 @@ def _finish(active: _Active, returncode: int) -> str:
     return status
 
 
-class _Interrupted(Exception):
-    """SIGTERM (or Ctrl-C) reached the sweep."""
+class _StopRequest:
+    """Records SIGTERM/SIGINT (main thread only) so the loop stops its runs cleanly instead of dying mid-write."""
 
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise _Interrupted(signum)
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _stop_all(active: dict[int, _Active], reason: str) -> None:
@@ -479,25 +502,23 @@ def run_local(config_arg: str, runs: Sequence[Run], extra_args: Sequence[str], p
     path, variant = split_config_arg(config_arg)
     absolute_config = os.path.abspath(path) + (f":{variant}" if variant is not None else "")
     pending, active, failed = list(runs), {}, []
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = _StopRequest()
     try:
-        while pending or active:
+        while (pending or active) and stop.signum is None:
             for slot in range(parallel):
-                if pending and slot not in active:
+                if pending and slot not in active and stop.signum is None:
                     run = pending.pop(0)
                     command = [sys.executable, "-m", "llm_jax.train", *train_args(absolute_config, run, extra_args)]
                     active[slot] = _start(run, command, slot, devices_per_run, env)
             time.sleep(0.2)
             _poll(active, run_timeout, failed)
-    except _Interrupted as interrupt:
-        signum = interrupt.args[0]
-        print(f"signal {signum}: stopping {len(active)} running train process(es); re-run the sweep to resume",
-              flush=True)
-        _stop_all(active, "interrupted")
-        raise SystemExit(128 + signum) from None
+        if stop.signum is not None:
+            print(f"signal {stop.signum}: stopping {len(active)} running train process(es) (they checkpoint); "
+                  "re-run the sweep to resume", flush=True)
+            _stop_all(active, "interrupted")
+            raise SystemExit(128 + stop.signum)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        stop.restore()
     return failed
 
 
@@ -521,19 +542,24 @@ def run_sweep(config_arg: str, sweep_dir: str, backend: str = "local", extra_arg
               run_timeout: float = 0.0) -> list[str]:
     """Validates every run, writes sweep.json, then runs (local) or prints (tpu, slurm, dry run) the runs.
 
-    Returns the names of the runs that failed. `num_devices` (0 = devices_per_run or 1 locally, the config's
-    mesh for tpu/slurm) is the device count each run is validated for.
+    Returns the names of the runs that failed. `num_devices` is the device count each run is validated for
+    (0 = devices_per_run or 1 locally, nodes * GPUs per node for slurm with GPUs, else the config's mesh).
     """
     if backend not in BACKENDS:
         raise SweepError(f"--backend={backend}: use one of {', '.join(BACKENDS)}")
     if parallel < 1:
         raise SweepError(f"--parallel={parallel} must be >= 1")
-    devices = num_devices or (devices_per_run or 1 if backend == "local" else None)
+    if backend == "slurm":
+        sweep_dir = os.path.abspath(sweep_dir)  # job scripts `cd` to the repository first
+    devices = num_devices or {"local": devices_per_run or 1, "tpu": None,
+                              "slurm": remote.slurm_nodes * remote.slurm_gpus_per_node or None}[backend]
     runs = expand_sweep(config_arg, sweep_dir, extra_args, devices)
     print(f"sweep of {len(runs)} runs of {config_arg} in {sweep_dir} ({backend})", flush=True)
     if backend == "local" and dry_run:
-        for run in _todo(runs):
-            print(shlex.join(["python", "-m", "llm_jax.train", *train_args(config_arg, run, extra_args)]))
+        for index, run in enumerate(_todo(runs)):
+            slot = slot_devices(index % parallel, devices_per_run)
+            prefix = [f"CUDA_VISIBLE_DEVICES={slot}"] if devices_per_run else []
+            print(shlex.join([*prefix, "python", "-m", "llm_jax.train", *train_args(config_arg, run, extra_args)]))
         return []
     write_sweep_file(sweep_dir, sweep_record(config_arg, backend, extra_args, runs))
     todo = _todo(runs)
@@ -550,43 +576,44 @@ def run_sweep(config_arg: str, sweep_dir: str, backend: str = "local", extra_arg
 
 # ----------------------------------------------------------------------------- command line
 
-_CONFIG = flags.DEFINE_string("config", None, "experiment file with get_sweep(), e.g. experiments/x.py[:variant]")
-_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "directory of sweep.json and one work directory per run")
-_BACKEND = flags.DEFINE_enum("backend", "local", BACKENDS, "local: run here; tpu/slurm: print the commands")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "local runs at a time")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "local: print the train commands instead of running them")
-_DEVICES_PER_RUN = flags.DEFINE_integer("devices_per_run", 0, "local GPUs per run: slot i gets CUDA_VISIBLE_DEVICES "
-                                        "i*N..i*N+N-1 (0 = leave CUDA_VISIBLE_DEVICES alone)")
-_NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "devices per run to validate configs for (0 = devices_per_run "
-                                    "or 1 locally; the config's mesh for tpu/slurm)")
-_RUN_TIMEOUT = flags.DEFINE_float("run_timeout", 0.0, "local: SIGTERM a run after this many seconds (0 = none)")
-_TPU_NAME = flags.DEFINE_string("tpu_name", "TPU_NAME", "tpu: the TPU VM name")
-_ZONE = flags.DEFINE_string("zone", "ZONE", "tpu: the TPU VM zone")
-_REPO_DIR = flags.DEFINE_string("repo_dir", "~/llm_jax", "tpu/slurm: this repository's path on the remote machines")
-_SLURM_NODES = flags.DEFINE_integer("slurm_nodes", 1, "slurm: nodes per run (one train process per node)")
-_SLURM_GPUS = flags.DEFINE_integer("slurm_gpus_per_node", 0, "slurm: #SBATCH --gpus-per-node (0 = omit)")
-_SLURM_TIME = flags.DEFINE_string("slurm_time", "", "slurm: #SBATCH --time, e.g. 04:00:00 (empty = omit)")
-_SLURM_PARTITION = flags.DEFINE_string("slurm_partition", "", "slurm: #SBATCH --partition (empty = omit)")
-flags.mark_flags_as_required(["config", "sweep_dir"])
-
-
-def _remote_options() -> RemoteOptions:
-    return RemoteOptions(_TPU_NAME.value, _ZONE.value, _REPO_DIR.value, _SLURM_NODES.value, _SLURM_GPUS.value,
-                         _SLURM_TIME.value, _SLURM_PARTITION.value)
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so importing this module defines none)."""
+    flags.DEFINE_string("config", None, "experiment file with get_sweep(), e.g. experiments/x.py[:variant]")
+    flags.DEFINE_string("sweep_dir", None, "directory of sweep.json and one work directory per run")
+    flags.DEFINE_enum("backend", "local", BACKENDS, "local: run here; tpu/slurm: print the commands")
+    flags.DEFINE_integer("parallel", 1, "local runs at a time")
+    flags.DEFINE_bool("dry_run", False, "local: print the train commands instead of running them")
+    flags.DEFINE_integer("devices_per_run", 0, "local GPUs per run: slot i gets CUDA_VISIBLE_DEVICES i*N..i*N+N-1 "
+                         "(0 = leave CUDA_VISIBLE_DEVICES alone)")
+    flags.DEFINE_integer("num_devices", 0, "devices per run to validate configs for (0 = devices_per_run or 1 "
+                         "locally; slurm_nodes * slurm_gpus_per_node for slurm; else the config's mesh)")
+    flags.DEFINE_float("run_timeout", 0.0, "local: SIGTERM a run after this many seconds (0 = none)")
+    flags.DEFINE_string("tpu_name", "TPU_NAME", "tpu: the TPU VM name")
+    flags.DEFINE_string("zone", "ZONE", "tpu: the TPU VM zone")
+    flags.DEFINE_string("repo_dir", "", "tpu/slurm: this repository's path on the remote machines "
+                        "('' = llm_jax in $HOME on TPU VMs, the current directory for slurm)")
+    flags.DEFINE_integer("slurm_nodes", 1, "slurm: nodes per run (one train process per node)")
+    flags.DEFINE_integer("slurm_gpus_per_node", 0, "slurm: #SBATCH --gpus-per-node (0 = omit)")
+    flags.DEFINE_string("slurm_time", "", "slurm: #SBATCH --time, e.g. 04:00:00 (empty = omit)")
+    flags.DEFINE_string("slurm_partition", "", "slurm: #SBATCH --partition (empty = omit)")
+    flags.mark_flags_as_required(["config", "sweep_dir"])
 
 
 def main(argv: list[str]) -> None:
+    f = flags.FLAGS
     extra_args = argv[1:]  # everything after `--`
+    remote = RemoteOptions(f.tpu_name, f.zone, f.repo_dir, f.slurm_nodes, f.slurm_gpus_per_node, f.slurm_time,
+                           f.slurm_partition)
     try:
-        failed = run_sweep(_CONFIG.value, _SWEEP_DIR.value, _BACKEND.value, extra_args, _PARALLEL.value,
-                           _DRY_RUN.value, _DEVICES_PER_RUN.value, _NUM_DEVICES.value, _remote_options(),
-                           run_timeout=_RUN_TIMEOUT.value)
+        failed = run_sweep(f.config, f.sweep_dir, f.backend, extra_args, f.parallel, f.dry_run, f.devices_per_run,
+                           f.num_devices, remote, run_timeout=f.run_timeout)
     except SweepError as error:
         raise SystemExit(f"error: {error}") from None
     if failed:
         raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)} "
-                         f"(see {_SWEEP_DIR.value}/NAME/{LOG_FILE}); re-run the sweep to retry them")
+                         f"(see {os.path.join(f.sweep_dir, 'NAME', LOG_FILE)}); re-run the sweep to retry them")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import time
 
 import jax
 from absl import logging
@@ -23,6 +25,7 @@ class DistributedOptions:
     process_id: int | None = None
     initialization_timeout_s: int = 120  # an unreachable coordinator fails after this, never hangs
     heartbeat_timeout_s: int = 60  # a dead peer ends the job after this
+    auto: bool = False  # call jax.distributed.initialize() and let JAX detect the cluster (Cloud TPU pods)
 
     @property
     def explicit(self) -> bool:
@@ -36,6 +39,22 @@ def cluster_detected() -> bool:
     return slurm_tasks > 1 or "," in tpu_workers
 
 
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Polls HOST:PORT until process 0's coordinator accepts connections; a clear error after timeout_s
+    (JAX itself aborts the process with a C++ trace in that case)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"cannot reach the coordinator at --coordinator_address={address} within "
+                                  f"{timeout_s}s ({error}); is process 0 running and the port open?") from None
+            time.sleep(0.5)
+
+
 def initialize(options: DistributedOptions) -> None:
     """Initialises jax.distributed when the run spans several processes; a no-op for one process."""
     if options.explicit:
@@ -43,7 +62,9 @@ def initialize(options: DistributedOptions) -> None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id as well")
         if not 0 <= options.process_id < options.num_processes:
             raise ConfigError(f"--process_id={options.process_id} must be in [0, --num_processes={options.num_processes})")
-    elif not cluster_detected():
+        if options.process_id != 0:
+            wait_for_coordinator(options.coordinator_address, options.initialization_timeout_s)
+    elif not (options.auto or cluster_detected()):
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(

@@ -25,6 +25,8 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile the train step
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job (with --coordinator_address)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+_JAX_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "call jax.distributed.initialize() with JAX's own "
+                                     "cluster detection (Cloud TPU pod slices; SLURM is detected without it)")
 _INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 120, "seconds to wait for the coordinator and peers")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -32,7 +34,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _run() -> None:
     distributed.initialize(distributed.DistributedOptions(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, initialization_timeout_s=_INIT_TIMEOUT.value,
-        heartbeat_timeout_s=_INIT_TIMEOUT.value))
+        heartbeat_timeout_s=_INIT_TIMEOUT.value, auto=_JAX_DISTRIBUTED.value))
     import jax
 
     if jax.process_index() != 0:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 
@@ -105,6 +106,14 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal_number = signum
+
+    def agreed(self) -> int | None:
+        """The signal if any process received one: all processes must stop at the same chunk boundary,
+        or their collectives would no longer match (one small all-gather per chunk, multi-process only)."""
+        if jax.process_count() == 1:
+            return self.signal_number
+        signals = multihost_utils.process_allgather(np.array(self.signal_number or 0, np.int32))
+        return int(np.max(signals)) or None
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -197,15 +206,16 @@ class HostLoop:
             if pending is not None:
                 window.add(*pending)
             pending, step = (step, metrics), stop
-            interrupted = stop_request.signal_number is not None
+            signal_number = stop_request.agreed()
+            interrupted = signal_number is not None
             if any((self.events.is_log(step), self.events.is_eval(step), self.events.is_checkpoint(step),
                     interrupted)):
                 window.add(*jax.device_get(pending))
                 pending = None
                 self._events(step, state, window, force_checkpoint=interrupted)
             if interrupted:
-                logging.warning("signal %d: checkpointed step %d, stopping", stop_request.signal_number, step)
-                raise SystemExit(128 + stop_request.signal_number)
+                logging.warning("signal %d: checkpointed step %d, stopping", signal_number, step)
+                raise SystemExit(128 + signal_number)
         return state
 
 

@@ -61,9 +61,16 @@ def rsqrt(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     return _after_warmup(opt, decay)
 
 
+NO_DECAY_NAMES = ("bias", "scale")  # biases of every shape (q/k/v biases are (heads, head_dim)) and norm scales
+
+
 def decay_mask(params: optax.Params) -> optax.Params:
-    """Weight decay on matrices only: not on norm scales, biases or other 1-D parameters."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on weight matrices and embeddings only: not on biases, norm scales or other 1-D params."""
+    def decays(path, p) -> bool:
+        name = getattr(path[-1], "key", None)
+        return p.ndim >= 2 and name not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def build_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
