@@ -289,3 +289,19 @@ def test_build_data_byte_tokenizer(text_file):
     data = build_data(_config(text_file, tokenizer="byte"))
     assert data.tokenizer.vocab_size == 256
     np.testing.assert_array_equal(data.train.tokens, np.frombuffer(text_file.read_bytes()[:4500], np.uint8))
+
+
+def test_shakespeare_char_recipe_reads_the_shared_corpus(tmp_path):
+    """The measured recipe's data: 65 characters, nanoGPT's 90/10 split of 1,115,394 characters."""
+    import importlib.util
+
+    from conftest import REPO_ROOT, shared_data_file
+
+    shared_data_file("tinyshakespeare.txt")
+    spec = importlib.util.spec_from_file_location("shakespeare_char", REPO_ROOT / "experiments" / "shakespeare_char.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    data = build_data(experiment.get_config(), tokenizer_dir=str(tmp_path / "tokenizer"))
+    assert data.tokenizer.vocab_size == 65
+    assert len(data.train.tokens) == 1_003_854
+    assert data.tokenizer.decode(data.train.tokens[:14]) == "First Citizen:"
