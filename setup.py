@@ -17,6 +17,7 @@ setup(
         "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9",
         "sentencepiece>=0.2",
+        "tiktoken>=0.7",
         "absl-py>=2.1",
         "ml-collections>=1.0",
         "grain>=0.2.10",

@@ -78,6 +78,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "source": Key("text_file", "where the text comes from", "llm_jax.data.sources:SOURCES"),
         "path": Key("", "text file for source=text_file"),
         "tokenizer": Key("char", "tokenizer", "llm_jax.data.tokenizers:TOKENIZERS"),
+        "tokenizer_path": Key("", "existing tokenizer file: GPT-2's ranks file for tokenizer=gpt2_bpe (required, "
+                                  "e.g. ../shared/data/gpt2.tiktoken); a SentencePiece .model for "
+                                  "tokenizer=sentencepiece (then no training)"),
+        "tokenizer_vocab_size": Key(8192, "vocabulary size of a tokenizer trained on the text "
+                                          "(tokenizer=sentencepiece without tokenizer_path)"),
+        "sentencepiece_model_type": Key("unigram", "SentencePiece training algorithm: unigram or bpe"),
         "seq_len": Key(64, "tokens per training example (<= model.max_len)"),
         "validation_fraction": Key(0.1, "tail of the token stream held out for evaluation"),
         "seed": Key(0, "seed of the batch sampler (independent of train.seed)"),

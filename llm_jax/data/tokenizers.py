@@ -1,13 +1,27 @@
-"""Tokenizers behind one interface, selected by `data.tokenizer` and saved under DIR/tokenizer/."""
+"""Tokenizers behind one interface, selected by `data.tokenizer` and saved under DIR/tokenizer/.
+
+Every tokenizer class has two constructors: `fit(text, data=None)` learns from (or, for file-backed kinds,
+loads for) the training text, reading its options from `data` (`config.data`; the defaults when None), and
+`from_spec(spec, directory)` rebuilds what `save(directory)` wrote. `save` writes every file the tokenizer
+needs next to tokenizer.json, so DIR/tokenizer alone reproduces the ids of a run.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
 import os
-from typing import Protocol, Sequence
+import re
+from typing import Iterator, Protocol, Sequence
 
+import ml_collections
 import numpy as np
+import sentencepiece
+import tiktoken
 
+from llm_jax.config import ConfigError, default_config
 from llm_jax.registry import Registry
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -29,12 +43,64 @@ class Tokenizer(Protocol):
 TOKENIZERS: Registry = Registry("tokenizer")
 
 
-def _write_spec(directory: str, spec: dict) -> None:
+# ----------------------------------------------------------------------------- files and shared helpers
+
+
+def _data_config(data: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+    return default_config().data if data is None else data
+
+
+def _write_file(directory: str, name: str, payload: bytes) -> None:
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, TOKENIZER_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(spec, f, ensure_ascii=False)
+    path = os.path.join(directory, name)
+    with open(path + ".tmp", "wb") as f:
+        f.write(payload)
     os.replace(path + ".tmp", path)  # readers never see a half-written file
+
+
+def _write_spec(directory: str, spec: dict) -> None:
+    """Writes tokenizer.json; call it last, after the files the spec names."""
+    _write_file(directory, TOKENIZER_FILE, json.dumps(spec, ensure_ascii=False).encode("utf-8"))
+
+
+def _file_error(path: str, key: str | None, problem: str, missing: bool = False) -> Exception:
+    """An error naming the file and, when a config key points at it, the key."""
+    if key:
+        return ConfigError(f"{key}={path!r}: {problem}")
+    return (FileNotFoundError if missing else ValueError)(f"{path}: {problem}")
+
+
+def _read_bytes(path: str, key: str | None = None) -> bytes:
+    """The bytes of `path`; a missing or unreadable file is an error naming it (and `key`)."""
+    if not os.path.isfile(path):
+        raise _file_error(path, key, f"no such file (working directory {os.getcwd()})", missing=True)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise _file_error(path, key, f"cannot be read ({error.strerror})") from error
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _check_digest(payload: bytes, spec: dict, path: str) -> None:
+    """A saved file must be the one tokenizer.json was written with."""
+    if spec.get("sha256") not in (None, _sha256(payload)):
+        raise ValueError(f"{path} changed since {TOKENIZER_FILE} was written (sha256 mismatch): "
+                         "the ids of this run cannot be reproduced from it")
+
+
+def _checked_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    ids = [int(i) for i in ids]
+    outside = sorted({i for i in ids if not 0 <= i < vocab_size})
+    if outside:
+        raise ValueError(f"ids {outside[:10]} are outside the tokenizer's vocabulary of {vocab_size}")
+    return ids
+
+
+# ----------------------------------------------------------------------------- char and byte
 
 
 @TOKENIZERS.register("char")
@@ -49,11 +115,11 @@ class CharTokenizer:
         self._ids = {c: i for i, c in enumerate(self.chars)}
 
     @classmethod
-    def fit(cls, text: str) -> "CharTokenizer":
+    def fit(cls, text: str, data: ml_collections.ConfigDict | None = None) -> "CharTokenizer":
         return cls(sorted(set(text)))
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "CharTokenizer":
+    def from_spec(cls, spec: dict, directory: str) -> "CharTokenizer":
         return cls(spec["chars"])
 
     def encode(self, text: str) -> np.ndarray:
@@ -77,11 +143,11 @@ class ByteTokenizer:
     vocab_size = 256
 
     @classmethod
-    def fit(cls, text: str) -> "ByteTokenizer":
+    def fit(cls, text: str, data: ml_collections.ConfigDict | None = None) -> "ByteTokenizer":
         return cls()
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "ByteTokenizer":
+    def from_spec(cls, spec: dict, directory: str) -> "ByteTokenizer":
         return cls()
 
     def encode(self, text: str) -> np.ndarray:
@@ -94,11 +160,245 @@ class ByteTokenizer:
         _write_spec(directory, {"kind": self.kind})
 
 
+# ----------------------------------------------------------------------------- SentencePiece
+
+NUM_SENTINELS = 32
+# Special pieces of every trained SentencePiece model; a piece's id is its position here. The first four
+# are SentencePiece's meta pieces (pad/unk/bos/eos ids); the rest are user-defined symbols for later model
+# families (BERT-style mask/cls/sep, T5-style span-corruption sentinels). User-defined symbols are matched
+# in the text, so a literal "<mask>" encodes as the mask id.
+SPECIAL_TOKENS: dict[str, str] = {
+    "pad": "<pad>",
+    "unk": "<unk>",
+    "bos": "<s>",
+    "eos": "</s>",
+    "mask": "<mask>",
+    "cls": "<cls>",
+    "sep": "<sep>",
+    **{f"sentinel_{i}": f"<extra_id_{i}>" for i in range(NUM_SENTINELS)},
+}
+META_TOKENS = ("pad", "unk", "bos", "eos")
+SENTENCEPIECE_MODEL_TYPES = ("unigram", "bpe")
+# Training sentences are lines cut to at most this many characters (<= 4 UTF-8 bytes each), so none
+# exceeds SentencePiece's max_sentence_length of 4192 bytes and gets skipped.
+SENTENCE_CHARS = 1024
+
+
+def _training_sentences(text: str) -> Iterator[str]:
+    """The text's non-empty lines, long lines cut into pieces SentencePiece does not skip."""
+    for line in text.splitlines():
+        for start in range(0, len(line), SENTENCE_CHARS):
+            yield line[start:start + SENTENCE_CHARS]
+
+
+def _trainer_options(data: ml_collections.ConfigDict) -> dict:
+    """SentencePieceTrainer options: specials from SPECIAL_TOKENS, identity normalisation and kept
+    whitespace so decode(encode(text)) == text, byte fallback so no text is unknown."""
+    meta = {}
+    for name in META_TOKENS:
+        meta[f"{name}_id"] = list(SPECIAL_TOKENS).index(name)
+        meta[f"{name}_piece"] = SPECIAL_TOKENS[name]
+    return dict(
+        model_type=data.sentencepiece_model_type,
+        vocab_size=data.tokenizer_vocab_size,
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        user_defined_symbols=[piece for name, piece in SPECIAL_TOKENS.items() if name not in META_TOKENS],
+        minloglevel=2,  # errors only: the INFO log is hundreds of lines
+        **meta,
+    )
+
+
+def _training_error(error: RuntimeError, data: ml_collections.ConfigDict) -> ConfigError:
+    """SentencePiece's training error rewritten to name the config key to change."""
+    message, size = str(error), data.tokenizer_vocab_size
+    too_high = re.search(r"Vocabulary size too high .*<= (\d+)", message)
+    if too_high:
+        return ConfigError(f"data.tokenizer_vocab_size={size} is too large for this text: SentencePiece can "
+                           f"learn at most {too_high.group(1)} pieces from it; lower data.tokenizer_vocab_size")
+    too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_low:
+        return ConfigError(f"data.tokenizer_vocab_size={size} is smaller than the {too_low.group(1)} pieces "
+                           "every model of this text needs (special tokens, 256 bytes, each character); "
+                           "raise data.tokenizer_vocab_size")
+    if "sentences_.empty()" in message:
+        return ConfigError("SentencePiece has no text to train on: the data source returned no lines")
+    return ConfigError(f"SentencePiece training failed (data.tokenizer_vocab_size={size}, "
+                       f"data.sentencepiece_model_type={data.sentencepiece_model_type!r}): {message}")
+
+
+def train_sentencepiece(text: str, data: ml_collections.ConfigDict) -> bytes:
+    """A serialized SentencePiece model trained in memory on `text` with the options in `data`."""
+    if data.sentencepiece_model_type not in SENTENCEPIECE_MODEL_TYPES:
+        raise ConfigError(f"data.sentencepiece_model_type={data.sentencepiece_model_type!r} is not one of "
+                          f"{', '.join(SENTENCEPIECE_MODEL_TYPES)}")
+    if data.tokenizer_vocab_size < 1:
+        raise ConfigError(f"data.tokenizer_vocab_size={data.tokenizer_vocab_size} must be >= 1")
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(sentence_iterator=_training_sentences(text), model_writer=model,
+                                                 **_trainer_options(data))
+    except RuntimeError as error:
+        raise _training_error(error, data) from error
+    return model.getvalue()
+
+
+def _sentencepiece_processor(model_proto: bytes, path: str,
+                             key: str | None) -> sentencepiece.SentencePieceProcessor:
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+    except RuntimeError as error:
+        raise _file_error(path, key, "is not a SentencePiece model (could not parse it)") from error
+    if processor.get_piece_size() == 0:
+        raise _file_error(path, key, "is not a SentencePiece model (it has no pieces)")
+    return processor
+
+
+def _special_ids(processor: sentencepiece.SentencePieceProcessor) -> dict[str, int]:
+    """SPECIAL_TOKENS names -> ids, for the specials this model has (a loaded model may lack some)."""
+    ids = {name: getattr(processor, f"{name}_id")() for name in META_TOKENS}
+    for name, piece in SPECIAL_TOKENS.items():
+        if name not in META_TOKENS and processor.piece_to_id(piece) != processor.unk_id():
+            ids[name] = processor.piece_to_id(piece)
+    return {name: i for name, i in ids.items() if i >= 0}
+
+
+@TOKENIZERS.register("sentencepiece")
+class SentencePieceTokenizer:
+    """A SentencePiece model (unigram or BPE), trained on the text by `fit` or loaded from
+    `data.tokenizer_path`; `special_ids` maps SPECIAL_TOKENS names to the ids this model gives them."""
+
+    kind = "sentencepiece"
+    MODEL_FILE = "spm.model"
+
+    def __init__(self, model_proto: bytes, path: str = "<trained model>", key: str | None = None):
+        self.model_proto = model_proto
+        self._processor = _sentencepiece_processor(model_proto, path, key)
+        self.vocab_size = self._processor.get_piece_size()
+        self.special_ids = _special_ids(self._processor)
+
+    @classmethod
+    def fit(cls, text: str, data: ml_collections.ConfigDict | None = None) -> "SentencePieceTokenizer":
+        """Loads data.tokenizer_path when set, else trains on `text`."""
+        data = _data_config(data)
+        if data.tokenizer_path:
+            return cls.from_file(data.tokenizer_path, key="data.tokenizer_path")
+        return cls(train_sentencepiece(text, data))
+
+    @classmethod
+    def from_file(cls, path: str, key: str | None = None) -> "SentencePieceTokenizer":
+        return cls(_read_bytes(path, key), path, key)
+
+    @classmethod
+    def from_spec(cls, spec: dict, directory: str) -> "SentencePieceTokenizer":
+        path = os.path.join(directory, spec["model_file"])
+        model_proto = _read_bytes(path)
+        _check_digest(model_proto, spec, path)
+        return cls(model_proto, path)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._processor.encode(text), dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._processor.decode(_checked_ids(ids, self.vocab_size))
+
+    def save(self, directory: str) -> None:
+        _write_file(directory, self.MODEL_FILE, self.model_proto)
+        _write_spec(directory, {"kind": self.kind, "model_file": self.MODEL_FILE,
+                                "sha256": _sha256(self.model_proto)})
+
+
+# ----------------------------------------------------------------------------- GPT-2 byte-level BPE
+
+# GPT-2's pre-tokenization regex as tiktoken writes it (tiktoken_ext.openai_public.r50k_pat_str): the
+# original pattern with possessive quantifiers, same splits.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_ENDOFTEXT = "<|endoftext|>"
+GPT2_NUM_RANKS = 50256  # mergeable tokens; <|endoftext|> takes the next id
+
+
+def load_gpt2_ranks(path: str, contents: bytes, key: str | None = None) -> dict[bytes, int]:
+    """GPT-2's merge ranks from `contents`, the bytes of the tiktoken file at `path` ("base64-token rank" lines).
+
+    Parsed as tiktoken.load.load_tiktoken_bpe does, but without its cache: that copies every local file it
+    reads into $TMPDIR/data-gym-cache under the path string and, for a later file at the same path, returns
+    the old copy.
+    """
+    ranks = {}
+    for number, line in enumerate(contents.splitlines(), start=1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as error:  # also binascii.Error
+            raise _file_error(path, key, f"is not a tiktoken ranks file (line {number} is not "
+                                         "'base64-token rank')") from error
+    if sorted(ranks.values()) != list(range(GPT2_NUM_RANKS)):
+        raise _file_error(path, key, f"holds {len(ranks)} ranks, not GPT-2's {GPT2_NUM_RANKS} "
+                                     f"(0..{GPT2_NUM_RANKS - 1}): point it at GPT-2's gpt2.tiktoken")
+    return ranks
+
+
+@TOKENIZERS.register("gpt2_bpe")
+class GPT2BPETokenizer:
+    """GPT-2's byte-level BPE through tiktoken, from a local ranks file (no network).
+
+    `<|endoftext|>` is id 50256 (vocab 50257); where it appears in the text it encodes as that one id, the
+    document separator of GPT-2-style corpora.
+    """
+
+    kind = "gpt2_bpe"
+    RANKS_FILE = "gpt2.tiktoken"
+    vocab_size = GPT2_NUM_RANKS + 1
+    eot_id = GPT2_NUM_RANKS
+
+    def __init__(self, ranks_file: bytes, path: str, key: str | None = None):
+        self.ranks_file = ranks_file
+        self.special_ids = {"eos": self.eot_id}
+        self._encoding = tiktoken.Encoding(
+            name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_gpt2_ranks(path, ranks_file, key),
+            special_tokens={GPT2_ENDOFTEXT: self.eot_id}, explicit_n_vocab=self.vocab_size)
+
+    @classmethod
+    def fit(cls, text: str, data: ml_collections.ConfigDict | None = None) -> "GPT2BPETokenizer":
+        """Loads the ranks file at data.tokenizer_path; GPT-2's merges are not learnt from `text`."""
+        path = _data_config(data).tokenizer_path
+        if not path:
+            raise ConfigError("data.tokenizer_path is empty: tokenizer=gpt2_bpe needs GPT-2's ranks file, e.g. "
+                              "--config.data.tokenizer_path=../shared/data/gpt2.tiktoken")
+        return cls.from_file(path, key="data.tokenizer_path")
+
+    @classmethod
+    def from_file(cls, path: str, key: str | None = None) -> "GPT2BPETokenizer":
+        return cls(_read_bytes(path, key), path, key)
+
+    @classmethod
+    def from_spec(cls, spec: dict, directory: str) -> "GPT2BPETokenizer":
+        path = os.path.join(directory, spec["ranks_file"])
+        ranks_file = _read_bytes(path)
+        _check_digest(ranks_file, spec, path)
+        return cls(ranks_file, path)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._encoding.encode(text, allowed_special="all"), dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._encoding.decode(_checked_ids(ids, self.vocab_size))
+
+    def save(self, directory: str) -> None:
+        _write_file(directory, self.RANKS_FILE, self.ranks_file)
+        _write_spec(directory, {"kind": self.kind, "ranks_file": self.RANKS_FILE,
+                                "sha256": _sha256(self.ranks_file)})
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
     """Loads what `Tokenizer.save` wrote; the error names the directory when there is nothing there."""
     path = os.path.join(directory, TOKENIZER_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer at {path}: was this work directory written by llm_jax.train?")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         spec = json.load(f)
-    return TOKENIZERS.get(spec["kind"]).from_spec(spec)
+    return TOKENIZERS.get(spec["kind"]).from_spec(spec, directory)
