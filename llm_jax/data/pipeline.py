@@ -37,7 +37,7 @@ def _tokenizer_for(config: ml_collections.ConfigDict, text: str, tokenizer_dir: 
             raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} but {tokenizer_dir} holds a "
                               f"{tokenizer.kind!r} tokenizer; use a fresh --workdir")
         return tokenizer
-    tokenizer = TOKENIZERS.get(config.data.tokenizer).fit(text)
+    tokenizer = TOKENIZERS.get(config.data.tokenizer).fit(text, config.data)
     if tokenizer_dir and jax.process_index() == 0:
         tokenizer.save(tokenizer_dir)
     return tokenizer
