@@ -103,3 +103,17 @@ def test_hand_written_norm_gradient_matches_autodiff(center):
     np.testing.assert_allclose(normalize(x, scale, 1e-5, center), reference(x, scale), rtol=1e-5, atol=1e-6)
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_positions_restart_per_segment_when_only_segment_ids_are_given():
+    from llm_jax.models.decoder import positions_from_segments
+
+    segments_BT = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(positions_from_segments(segments_BT, (2, 8)),
+                                  [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))])
+    model = tiny_model(positional="learned")
+    tokens_BT = jax.random.randint(jax.random.key(3), (1, 8), 0, VOCAB)
+    params = _init(model, tokens_BT)
+    packed = model.apply({"params": params}, tokens_BT, None, segments_BT[:1])
+    alone = model.apply({"params": params}, tokens_BT[:, 3:5])
+    np.testing.assert_allclose(packed[:, 3:5], alone, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from llm_jax.models.blocks import ACTIVATION_AXES, DecoderBlock
@@ -10,6 +11,15 @@ from llm_jax.models.embeddings import OutputHead, TokenEmbedding, mask_padded_vo
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.models.norms import NORMS
 from llm_jax.models.positions import POSITIONALS
+
+
+def positions_from_segments(segment_ids_BT: jnp.ndarray | None, shape: tuple[int, int]) -> jnp.ndarray:
+    """0, 1, 2, ... per row, restarting wherever the segment id changes (packed rows)."""
+    index_BT = jnp.broadcast_to(jnp.arange(shape[1]), shape)
+    if segment_ids_BT is None:
+        return index_BT
+    starts_BT = jnp.concatenate([jnp.ones((shape[0], 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], 1)
+    return index_BT - jax.lax.cummax(jnp.where(starts_BT, index_BT, 0), axis=1)
 
 
 class DecoderLM(nn.Module):
@@ -26,7 +36,7 @@ class DecoderLM(nn.Module):
                  segment_ids_BT: jnp.ndarray | None = None, *, deterministic: bool = True) -> jnp.ndarray:
         cfg = self.config
         if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+            positions_BT = positions_from_segments(segment_ids_BT, tokens_BT.shape)
         embed = TokenEmbedding(cfg, name="token_embedding")
         x_BTD = embed(tokens_BT)
         position_module = POSITIONALS.get(cfg.positional).embedding
