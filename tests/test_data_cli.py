@@ -1,0 +1,102 @@
+"""`python -m llm_jax.data`: prepare -> train-tokenizer -> inspect / stats, and actionable errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, shared_data_file, subprocess_env
+
+TRAIN_PARAGRAPHS = 150  # over two files
+VALIDATION_PARAGRAPHS = 20
+
+
+def run_data(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llm_jax.data", *map(str, args)], cwd=REPO_ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def ok(*args: str) -> str:
+    result = run_data(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Botchan's lines as paragraphs of 1-3 lines (blank-line separated): two train files, one validation file."""
+    lines = [line.strip() for line in shared_data_file("botchan.txt").read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines[1:] if line and line.isascii()]
+    paragraphs, start = [], 0
+    for i in range(TRAIN_PARAGRAPHS + VALIDATION_PARAGRAPHS):
+        size = 1 + i % 3
+        paragraphs.append("\n".join(lines[start:start + size]))
+        start += size
+    root = tmp_path_factory.mktemp("data_cli")
+    half = TRAIN_PARAGRAPHS // 2
+    for name, chunk in (("a.txt", paragraphs[:half]), ("b.txt", paragraphs[half:TRAIN_PARAGRAPHS]),
+                        ("valid.txt", paragraphs[TRAIN_PARAGRAPHS:])):
+        (root / "src").mkdir(exist_ok=True)
+        (root / "src" / name).write_text("\n\n".join(chunk) + "\n", encoding="utf-8")
+    data_dir = root / "datasets"
+    out = ok("prepare", "--kind=text", f"--paths={root / 'src' / '[ab].txt'}", "--split_by=blank_line",
+             f"--validation_paths={root / 'src' / 'valid.txt'}", f"--data_dir={data_dir}", "--name=botchan")
+    tokenizer_dir = root / "tokenizer"
+    tok_out = ok("train-tokenizer", f"--data_dir={data_dir}", "--name=botchan", "--tokenizer=sentencepiece",
+                 "--vocab_size=400", "--model_type=unigram", f"--output_dir={tokenizer_dir}")
+    return dict(root=root, data_dir=data_dir, tokenizer_dir=tokenizer_dir, text="\n".join(paragraphs),
+                prepare_out=out, tokenizer_out=tok_out)
+
+
+def test_prepare_reports_directory_and_counts(corpus):
+    out = corpus["prepare_out"]
+    assert f"train: {TRAIN_PARAGRAPHS} records" in out
+    assert f"validation: {VALIDATION_PARAGRAPHS} records" in out
+    assert "skipped: 0 bad records" in out
+    assert str(corpus["data_dir"] / "botchan") in out
+    assert "Downloading" not in out  # TFDS's progress lines go to stderr
+
+
+def test_train_tokenizer_saves_and_shows_a_sample(corpus):
+    out = corpus["tokenizer_out"]
+    assert "vocab size: 400" in out
+    assert (corpus["tokenizer_dir"] / "tokenizer.json").exists()
+    sample = json.loads(re.search(r"sample: (\".*\")", out).group(1))
+    assert json.loads(re.search(r"decoded: (\".*\")", out).group(1)) == sample
+
+
+def test_inspect_shows_packed_segments_with_source_text(corpus):
+    out = ok("inspect", f"--data_dir={corpus['data_dir']}", "--name=botchan",
+             f"--tokenizer_dir={corpus['tokenizer_dir']}", "--seq_len=256", "--num_examples=3", "--max_chars=50")
+    assert out.count("example ") >= 3 and "segment 2:" in out, out
+    shown = re.findall(r"segment (\d+): tokens \d+-\d+, positions 0-(\d+): (\".*\")", out)
+    assert len(shown) >= 4, out
+    for _, _, text in shown:
+        decoded = json.loads(text)
+        assert decoded and decoded in corpus["text"], decoded
+
+
+def test_stats_counts_documents_per_split(corpus):
+    out = ok("stats", f"--data_dir={corpus['data_dir']}", "--name=botchan")
+    assert re.search(rf"train: {TRAIN_PARAGRAPHS} documents, \d+ characters", out), out
+    assert re.search(rf"validation: {VALIDATION_PARAGRAPHS} documents", out), out
+    with_tokens = ok("stats", f"--data_dir={corpus['data_dir']}", "--name=botchan",
+                     f"--tokenizer_dir={corpus['tokenizer_dir']}")
+    assert re.search(rf"train: {TRAIN_PARAGRAPHS} documents, \d+ tokens; tokens per document: mean", with_tokens)
+
+
+def test_missing_dataset_and_tokenizer_say_what_to_run(corpus, tmp_path):
+    result = run_data("stats", f"--data_dir={tmp_path}", "--name=nothing_here")
+    assert result.returncode != 0
+    assert "never prepared" in result.stderr and "python -m llm_jax.data prepare" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_data("inspect", f"--data_dir={corpus['data_dir']}", "--name=botchan",
+                      f"--tokenizer_dir={tmp_path / 'no_tokenizer'}")
+    assert result.returncode != 0
+    assert "no tokenizer in" in result.stderr and "train-tokenizer" in result.stderr
+    result = run_data("frobnicate")
+    assert result.returncode != 0 and "give a command first" in result.stderr
