@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from llm_jax.sharding import batch_sharding
-from llm_jax.training.run import Run, build_run
-from llm_jax.training.steps import make_train_chunk, make_train_step
+from llm_jax.training.run import Run, build_run, jit_train_chunk
 
 
 def per_device_bytes(abstract_tree: Any) -> int:
@@ -37,10 +36,7 @@ def _abstract_batches(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
 def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Compiles one chunk of train steps from abstract inputs; returns sizes in bytes per device."""
     run = build_run(config, workdir)
-    step = make_train_step(run.model, run.tx, run.schedule, config.optimizer.grad_accum_steps,
-                           use_dropout=run.model_config.dropout > 0)
-    jitted = jax.jit(make_train_chunk(step), in_shardings=(run.shardings, batch_sharding(run.mesh, run.rules, stacked=True)),
-                     out_shardings=(run.shardings, None), donate_argnums=0)
+    jitted = jit_train_chunk(run)
     start = time.perf_counter()
     with jax.set_mesh(run.mesh), run.rules_context():
         compiled = jitted.lower(run.abstract_state, _abstract_batches(run)).compile()

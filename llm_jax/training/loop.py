@@ -25,9 +25,8 @@ from llm_jax.training import evaluation
 from llm_jax.training.checkpoint import Checkpointer
 from llm_jax.training.flops import peak_flops_per_device, train_flops_per_token
 from llm_jax.training.metrics import MetricsWriter, ProgressLine, log_progress, read_metrics
-from llm_jax.training.run import Run, build_run, write_run_config
+from llm_jax.training.run import Run, build_run, jit_train_chunk, write_run_config
 from llm_jax.training.state import TrainState, init_state
-from llm_jax.training.steps import make_train_chunk, make_train_step
 
 
 class TrainingDivergedError(RuntimeError):
@@ -77,12 +76,7 @@ class ChunkRunner:
     """Ahead-of-time compiled train chunks, one executable per chunk length; compile time is reported."""
 
     def __init__(self, run: Run):
-        cfg = run.config
-        step_fn = make_train_step(run.model, run.tx, run.schedule, cfg.optimizer.grad_accum_steps,
-                                  use_dropout=run.model_config.dropout > 0)
-        self._jitted = jax.jit(make_train_chunk(step_fn),
-                               in_shardings=(run.shardings, batch_sharding(run.mesh, run.rules, stacked=True)),
-                               out_shardings=(run.shardings, None), donate_argnums=0)
+        self._jitted = jit_train_chunk(run)
         self._compiled: dict[int, Any] = {}
         self.compile_seconds = 0.0
 

@@ -23,9 +23,10 @@ from llm_jax.models.families import build_model
 from llm_jax.models.model_config import (ModelConfig, build_model_config, model_config_from_json,
                                          model_config_to_json)
 from llm_jax.provenance import provenance
-from llm_jax.sharding import Rules, build_mesh, logical_rules, process_batch_rows
+from llm_jax.sharding import Rules, batch_sharding, build_mesh, logical_rules, process_batch_rows
 from llm_jax.training.optimizer import build_optimizer
 from llm_jax.training.state import TrainState, abstract_state, state_shardings
+from llm_jax.training.steps import make_train_chunk, make_train_step
 
 CONFIG_FILE = "config.json"
 
@@ -102,6 +103,16 @@ def build_saved_run(workdir: str, *, with_data: bool) -> Run:
         config.mesh.update(data=1, fsdp=1, tensor=1)
         devices = jax.devices()[:1]
     return build_run(config, workdir, devices=devices, saved_model_config=model_config, with_data=with_data)
+
+
+def jit_train_chunk(run: Run):
+    """The jitted multi-step train function with the run's shardings and donated state; the host loop and
+    the compile-only report lower the same function."""
+    step = make_train_step(run.model, run.tx, run.schedule, run.config.optimizer.grad_accum_steps,
+                           use_dropout=run.model_config.dropout > 0)
+    return jax.jit(make_train_chunk(step),
+                   in_shardings=(run.shardings, batch_sharding(run.mesh, run.rules, stacked=True)),
+                   out_shardings=(run.shardings, None), donate_argnums=0)
 
 
 def write_run_config(run: Run) -> None:
