@@ -22,7 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = default_config()
     config.model.update(num_layers=4, num_heads=4, d_model=128, max_len=64, positional="learned",
                         norm="layernorm", activation="gelu", use_bias=False, dropout=0.0, tie_embeddings=True)
-    config.data.update(source="text_file", path=os.path.normpath(DATA), tokenizer="char", seq_len=64)
+    # nanoGPT samples random windows of the whole token stream (90/10 split), not packed documents
+    config.data.update(pipeline="windows", source="text_file", path=os.path.normpath(DATA), split_by="file",
+                       tokenizer="char", seq_len=64)
     config.train.update(steps=2000, batch_size=12, log_every=100, eval_every=500, eval_steps=20,
                         checkpoint_every=1000, steps_per_dispatch=20)
     config.optimizer.update(learning_rate=1e-3, schedule="cosine", warmup_steps=100, min_learning_rate=1e-4,

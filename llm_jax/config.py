@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -75,8 +75,35 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "param_dtype": Key("float32", "parameter and optimizer-state dtype"),
     },
     "data": {
-        "source": Key("text_file", "where the text comes from", "llm_jax.data.sources:SOURCES"),
-        "path": Key("", "text file for source=text_file"),
+        "pipeline": Key("grain", "input pipeline: grain (documents shuffled per epoch, tokenized, packed, sharded "
+                                 "by process) or windows (nanoGPT random windows of one token stream)",
+                        "llm_jax.data.pipeline:PIPELINES"),
+        "source": Key("text_file", "where the documents come from", "llm_jax.data.sources:SOURCES"),
+        "path": Key("", "files or globs (comma-separated) of the train split for source=text_file|jsonl|tsv"),
+        "eval_path": Key("", "files or globs of the evaluation split (data.eval_split); empty = hold out the last "
+                             "data.validation_fraction of the train records"),
+        "split_by": Key("blank_line", "text_file documents: blank_line (paragraphs), line, or file (one per file)"),
+        "text_field": Key("", "record field holding the text: the JSONL field (empty = 'text'); for TFDS catalog "
+                              "datasets empty = the first known text feature"),
+        "text_columns": Key(("text",), "TSV text column(s): one, or two for sentence pairs (header names or 0-based)"),
+        "label_column": Key("", "TSV label column (with data.labels)"),
+        "labels": Key((), "allowed TSV labels; a row with another label is bad input"),
+        "has_header": Key(True, "TSV files start with a header row"),
+        "tfds_name": Key("", "TFDS catalog dataset for source=tfds, e.g. wikitext/wikitext-2-raw-v1 or glue/sst2"),
+        "tfds_data_dir": Key("", "where TFDS datasets are prepared and read; empty = $TFDS_DATA_DIR or "
+                                 "~/tensorflow_datasets"),
+        "train_split": Key("train", "split trained on"),
+        "eval_split": Key("validation", "split evaluated during training"),
+        "skip_bad_records": Key(False, "skip (and count in data/skipped_records) bad input records instead of failing"),
+        "mixture": Key((), "pretraining mixture: dicts of source keys (source, path, tfds_name, ...) with a 'weight'; "
+                           "train documents are sampled from them by weight, evaluation uses the top-level source"),
+        "objective": Key("causal_lm", "turns tokenized documents into model inputs, targets and loss weights",
+                         "llm_jax.data.objectives:OBJECTIVES"),
+        "packing": Key("concat_split", "how documents fill rows of seq_len tokens", "llm_jax.data.packing:PACKINGS"),
+        "packing_bins": Key(16, "open rows of first_fit packing"),
+        "separate_documents": Key(True, "packed rows carry segment ids and positions: no attention or targets across "
+                                        "documents, positions restart per document"),
+        "num_workers": Key(0, "Grain worker processes for tokenizing and packing (0 = in the training process)"),
         "tokenizer": Key("char", "tokenizer", "llm_jax.data.tokenizers:TOKENIZERS"),
         "tokenizer_path": Key("", "existing tokenizer file: GPT-2's ranks file for tokenizer=gpt2_bpe (required, "
                                   "e.g. ../shared/data/gpt2.tiktoken); a SentencePiece .model for "
@@ -84,9 +111,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tokenizer_vocab_size": Key(8192, "vocabulary size of a tokenizer trained on the text "
                                           "(tokenizer=sentencepiece without tokenizer_path)"),
         "sentencepiece_model_type": Key("unigram", "SentencePiece training algorithm: unigram or bpe"),
+        "tokenizer_max_chars": Key(50_000_000, "characters of the train split a tokenizer is trained on"),
         "seq_len": Key(64, "tokens per training example (<= model.max_len)"),
-        "validation_fraction": Key(0.1, "tail of the token stream held out for evaluation"),
-        "seed": Key(0, "seed of the batch sampler (independent of train.seed)"),
+        "validation_fraction": Key(0.1, "held-out evaluation share when no evaluation split is given (records for "
+                                        "pipeline=grain, the token-stream tail for pipeline=windows)"),
+        "seed": Key(0, "seed of shuffling and batch sampling (independent of train.seed)"),
     },
     "train": {
         "steps": Key(2000, "optimizer updates in the whole run"),
@@ -94,7 +123,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(0, "seed of parameter init and dropout"),
         "log_every": Key(100, "steps between train metric logs"),
         "eval_every": Key(500, "steps between evaluations (0 = only at the end)"),
-        "eval_steps": Key(20, "batches per evaluation"),
+        "eval_steps": Key(20, "batches per evaluation (-1 = the whole evaluation split, pipeline=grain)"),
         "checkpoint_every": Key(1000, "steps between checkpoints (0 = only at the end)"),
         "keep_checkpoints": Key(2, "checkpoints kept on disk"),
         "steps_per_dispatch": Key(20, "optimizer steps fused into one device call (lax.scan)"),
@@ -210,8 +239,11 @@ def _check_model(model: ml_collections.ConfigDict) -> None:
 
 def _check_train(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) -> None:
     train, opt = config.train, config.optimizer
-    for name in ("steps", "batch_size", "log_every", "eval_steps", "keep_checkpoints", "steps_per_dispatch"):
+    for name in ("steps", "batch_size", "log_every", "keep_checkpoints", "steps_per_dispatch"):
         _require(train[name] >= 1, f"train.{name}={train[name]} must be >= 1")
+    whole_split = train.eval_steps == -1 and config.data.pipeline == "grain"
+    _require(train.eval_steps >= 1 or whole_split,
+             f"train.eval_steps={train.eval_steps} must be >= 1 (or -1 for the whole split with data.pipeline=grain)")
     for name in ("eval_every", "checkpoint_every"):
         _require(train[name] >= 0, f"train.{name}={train[name]} must be >= 0")
     _require(opt.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={opt.grad_accum_steps} must be >= 1")
@@ -231,10 +263,32 @@ def _check_train(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) 
              f"data.validation_fraction={config.data.validation_fraction} must be in (0, 1)")
 
 
+SOURCE_KEYS = ("source", "path", "eval_path", "split_by", "text_field", "text_columns", "label_column", "labels",
+               "has_header", "tfds_name", "train_split", "skip_bad_records")  # what a mixture component may set
+
+
+def _check_data(data: ml_collections.ConfigDict) -> None:
+    _require(data.split_by in ("file", "blank_line", "line"),
+             f"data.split_by={data.split_by!r} must be file, blank_line or line")
+    for name in ("packing_bins", "tokenizer_max_chars", "seq_len"):
+        _require(data[name] >= 1, f"data.{name}={data[name]} must be >= 1")
+    _require(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0")
+    _require(not data.mixture or data.pipeline == "grain",
+             "data.mixture needs data.pipeline=grain (the windows sampler reads one token stream)")
+    for index, component in enumerate(data.mixture):
+        where = f"data.mixture[{index}]"
+        _require(isinstance(component, Mapping), f"{where}={component!r} must be a dict of source keys and 'weight'")
+        unknown = sorted(set(component) - set(SOURCE_KEYS) - {"weight"})
+        _require(not unknown, f"{where} has unknown keys {unknown}; allowed: weight, {', '.join(SOURCE_KEYS)}")
+        weight = component.get("weight")
+        _require(isinstance(weight, (int, float)) and weight > 0, f"{where}['weight']={weight!r} must be > 0")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Checks the whole config for `num_devices` devices; returns the resolved mesh shape."""
     _check_schema(config)
     _check_model(config.model)
+    _check_data(config.data)
     mesh_sizes = resolve_mesh_shape(config.mesh, num_devices)
     _check_train(config, mesh_sizes)
     return mesh_sizes
@@ -256,6 +310,8 @@ def config_from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
                 raise ConfigError(f"unknown config key {section}.{name} in saved config")
             if name == "logical_axis_rules":
                 value = tuple((rule[0], tuple(rule[1]) if isinstance(rule[1], list) else rule[1]) for rule in value)
+            elif isinstance(SCHEMA[section][name].default, tuple):
+                value = tuple(value)  # JSON has lists; the config keeps its tuple type
             config[section][name] = value
     return config
 

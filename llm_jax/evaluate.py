@@ -18,14 +18,17 @@ from llm_jax.training.metrics import MetricsWriter
 from llm_jax.training.run import build_saved_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by llm_jax.train")
-_SPLIT = flags.DEFINE_string("split", "validation", "split to evaluate")
-_EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "batches to evaluate (default: the run's train.eval_steps)")
+_SPLIT = flags.DEFINE_string("split", None, "split to evaluate (default: the run's data.eval_split)")
+_EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "batches to evaluate, -1 = the whole split with "
+                                   "data.pipeline=grain (default: the run's train.eval_steps)")
 flags.mark_flag_as_required("workdir")
 
 
-def evaluate_checkpoint(workdir: str, split: str, eval_steps: int | None) -> tuple[int, dict[str, float]]:
-    """(step, metrics) of the latest checkpoint; the metric names carry the split unless it is validation."""
+def evaluate_checkpoint(workdir: str, split: str | None, eval_steps: int | None) -> tuple[int, dict[str, float]]:
+    """(step, metrics) of the latest checkpoint; the metric names carry the split unless it is the run's
+    evaluation split (data.eval_split)."""
     run = build_saved_run(workdir, with_data=True)
+    split = split or run.config.data.eval_split
     checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
     try:
         with jax.set_mesh(run.mesh), run.rules_context():
@@ -33,7 +36,7 @@ def evaluate_checkpoint(workdir: str, split: str, eval_steps: int | None) -> tup
             metrics = Evaluator(run).evaluate(state.params, split, eval_steps or run.config.train.eval_steps)
     finally:
         checkpointer.close()
-    if split != "validation":
+    if split != run.config.data.eval_split:
         metrics = {key.replace("eval/", f"eval_{split}/"): value for key, value in metrics.items()}
     return int(state.step), metrics
 

@@ -38,6 +38,7 @@ def generate_text(workdir: str, prompt: str, sampling: SamplingConfig) -> str:
                             vocab_size=run.model_config.vocab_size, sampling=sampling)
     finally:
         checkpointer.close()
+    logging.info("sampled %d tokens after a %d-token prompt", len(tokens) - len(prompt_ids), len(prompt_ids))
     return run.tokenizer.decode(tokens[len(prompt_ids):])
 
 

@@ -1,4 +1,5 @@
-"""Test-suite setup: 8 forced CPU devices (before JAX is imported) and access to ../shared/data."""
+"""Test-suite setup: 8 forced CPU devices (before JAX is imported), a private TFDS data directory and access
+to ../shared/data."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import atexit  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+# Datasets the tests prepare go to a fresh directory (inherited by CLI subprocesses), never ~/tensorflow_datasets.
+os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="llm_jax_tfds_")
+atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -31,7 +31,8 @@ def text_file(tmp_path):
 
 def _config(path, **data):
     config = config_lib.default_config()
-    config.data.update(path=str(path), seq_len=SEQ_LEN)
+    # the windows sampler over whole files; the grain pipeline is tested in test_grain_pipeline.py
+    config.data.update(path=str(path), seq_len=SEQ_LEN, pipeline="windows", split_by="file")
     config.data.update(**data)
     config.train.update(batch_size=BATCH)
     return config
@@ -205,10 +206,20 @@ def test_fixed_windows_are_identical_on_every_call_and_sliced_by_process():
 # ----------------------------------------------------------------------------- sources
 
 
+def _source_texts(config) -> dict[str, list[str]]:
+    source = SOURCES.get(config.data.source)(config.data)
+    return {split: [source.text_of(record) for record in records] for split, records in source.splits.items()}
+
+
 def test_text_file_source_reads_utf8(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("héllo\nwörld", encoding="utf-8")
-    assert SOURCES.get("text_file")(_config(path).data) == "héllo\nwörld"
+    assert _source_texts(_config(path)) == {"train": ["héllo\nwörld"]}
+    assert _source_texts(_config(path, split_by="line")) == {"train": ["héllo", "wörld"]}
+    evaluation = tmp_path / "e.txt"
+    evaluation.write_text("a\n\nb c\nd\n", encoding="utf-8")
+    assert _source_texts(_config(path, eval_path=str(evaluation), split_by="blank_line")) == {
+        "train": ["héllo\nwörld"], "validation": ["a", "b c\nd"]}
 
 
 @pytest.mark.parametrize("case", ["empty_path", "missing_file", "whitespace_only"])
@@ -220,14 +231,16 @@ def test_text_file_source_errors_name_data_path(case, tmp_path):
     else:
         path = tmp_path / "blank.txt"
         path.write_text("  \n\t\n  ")
-    with pytest.raises(ConfigError, match="data.path"):
+    with pytest.raises(ConfigError, match="data.path|data.source='text_file'") as error:
         SOURCES.get("text_file")(_config(path).data)
+    if case != "empty_path":
+        assert str(path) in str(error.value) or os.path.basename(str(path)) in str(error.value)
 
 
 def test_python_docs_source_is_a_large_corpus():
-    text = SOURCES.get("python_docs")(_config("", source="python_docs").data)
-    assert isinstance(text, str) and len(text) > 100_000
-    assert text == SOURCES.get("python_docs")(_config("", source="python_docs").data)  # deterministic
+    texts = _source_texts(_config("", source="python_docs"))["train"]
+    assert len(texts) > 50 and sum(map(len, texts)) > 100_000
+    assert texts == _source_texts(_config("", source="python_docs"))["train"]  # deterministic
 
 
 # ----------------------------------------------------------------------------- build_data

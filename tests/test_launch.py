@@ -46,7 +46,9 @@ def launcher_env() -> dict[str, str]:
 @pytest.mark.parametrize("mesh", sorted(MESHES))
 def test_two_processes_train_like_one(mesh, tmp_path):
     """2 processes x 2 devices and 1 process x 4 devices log the same per-step train/loss on the same mesh."""
-    args = [*QUICK, "--config.train.steps=6", "--config.train.batch_size=8", *MESHES[mesh]]
+    # the step-indexed windows sampler gives every process count the same global batches
+    args = [*QUICK, "--config.data.pipeline=windows", "--config.train.steps=6", "--config.train.batch_size=8",
+            *MESHES[mesh]]
 
     def run(num_processes: int, devices: int) -> list[tuple[int, float]]:
         workdir, logs = tmp_path / f"{num_processes}x{devices}", tmp_path / f"logs_{num_processes}x{devices}"

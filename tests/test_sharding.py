@@ -22,7 +22,7 @@ def _config(text_path, use_bias=False, **mesh):
     config = config_lib.default_config()
     config.model.update(num_layers=2, num_heads=4, num_kv_heads=2, d_model=32, max_len=16, use_bias=use_bias,
                         tie_embeddings=False)
-    config.data.update(path=str(text_path), seq_len=16)
+    config.data.update(path=str(text_path), seq_len=16, pipeline="windows")
     config.train.update(batch_size=8, steps=10)
     config.optimizer.update(warmup_steps=0)
     config.mesh.update(data=1, fsdp=1, tensor=1)

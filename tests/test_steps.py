@@ -21,7 +21,7 @@ LR, MIN_LR, WARMUP = 1e-3, 1e-4, 2
 def _config(text_path):
     config = config_lib.default_config()
     config.model.update(num_layers=2, num_heads=4, d_model=32, max_len=SEQ_LEN)
-    config.data.update(path=str(text_path), seq_len=SEQ_LEN)
+    config.data.update(path=str(text_path), seq_len=SEQ_LEN, pipeline="windows")
     config.train.update(batch_size=BATCH, steps=CHUNK)
     config.optimizer.update(schedule="cosine", learning_rate=LR, min_learning_rate=MIN_LR, warmup_steps=WARMUP)
     config.mesh.update(data=1, fsdp=1, tensor=1)

@@ -240,7 +240,7 @@ def test_pipeline_passes_the_data_section_to_the_tokenizer(tmp_path):
 
     config = config_lib.default_config()
     config.data.update(path=str(shared_data_file("botchan.txt")), tokenizer="sentencepiece",
-                       tokenizer_vocab_size=400, sentencepiece_model_type="bpe")
+                       tokenizer_vocab_size=400, sentencepiece_model_type="bpe", split_by="line")
     data = build_data(config, tokenizer_dir=str(tmp_path / "tokenizer"))
     assert data.tokenizer.vocab_size == 400
     reloaded = load_tokenizer(str(tmp_path / "tokenizer"))

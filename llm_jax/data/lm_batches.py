@@ -48,7 +48,13 @@ class RandomWindowStream:
     def get_state(self) -> dict:
         return {"next_step": self.next_step, "seed": self.seed}
 
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
     def set_state(self, state: dict) -> None:
+        if "next_step" not in state:
+            raise ValueError(f"the checkpoint's data state {sorted(state)} was not written by the windows pipeline: "
+                             "resume with the data.pipeline the run started with")
         if state["seed"] != self.seed:
             raise ValueError(f"checkpoint was written with data.seed={state['seed']}, config has {self.seed}")
         self.next_step = int(state["next_step"])

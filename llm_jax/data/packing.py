@@ -22,9 +22,12 @@ Row keys follow `llm_jax.data.lm_batches`: "inputs", "targets" int32 [T], "weigh
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
+import grain
 import numpy as np
+
+from llm_jax.registry import Registry
 
 Example = dict[str, np.ndarray]
 RESERVED_SUFFIXES = ("segment_ids", "positions")
@@ -275,3 +278,39 @@ def batch(examples: Iterable[Example], batch_size: int, drop_remainder: bool) ->
             pending = []
     if pending and not drop_remainder:
         yield {key: np.stack([row[key] for row in pending]) for key in pending[0]}
+
+
+# ----------------------------------------------------------------------------- Grain packers (data.packing)
+# Each takes a Grain IterDataset of {"tokens": [n]} documents and returns one of rows {"tokens",
+# "tokens_segment_ids", "tokens_positions"} of `length`; their iterators checkpoint with the pipeline.
+
+PACKINGS: Registry = Registry("packing")
+
+
+@PACKINGS.register("concat_split")
+def grain_concat_split(docs, length: int, data) -> Any:
+    """Documents concatenated and cut into disjoint rows (a long document continues in the next row)."""
+    return grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": length})
+
+
+@PACKINGS.register("first_fit")
+def grain_first_fit(docs, length: int, data) -> Any:
+    """Whole documents placed first-fit into data.packing_bins open rows, padded; longer documents are cut
+    into pieces of `length` first, so no token is lost."""
+    import grain
+
+    pieces = grain.experimental.FlatMapIterDataset(docs, _SplitLongDocuments(length))
+    return grain.experimental.FirstFitPackIterDataset(pieces, length_struct={"tokens": length},
+                                                      num_packing_bins=data.packing_bins, seed=data.seed)
+
+
+class _SplitLongDocuments(grain.experimental.FlatMapTransform):
+    """A Grain FlatMapTransform: a document as pieces of at most `length` tokens."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.max_fan_out = 1 << 16
+
+    def flat_map(self, document: dict) -> list[dict]:
+        tokens = document["tokens"]
+        return [{"tokens": tokens[i:i + self.length]} for i in range(0, max(len(tokens), 1), self.length)]

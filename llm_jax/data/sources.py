@@ -1,39 +1,175 @@
-"""Raw text sources, selected by `data.source`; each returns the whole corpus as one string."""
+"""Document sources, selected by `data.source`: each gives the records of every split it has.
+
+A record is a dict with "text" (plus "text_b" / "label" for TSV pairs and labels). Local files and the
+embedded Python documentation are prepared once as TFDS array_record datasets under `data.tfds_data_dir`
+(`llm_jax.data.tfds_sources`); catalog datasets are read from there with `tfds.data_source`
+(`llm_jax.data.tfds_catalog`). Reading never needs TensorFlow.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import json
 import os
-from typing import Callable
+import re
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
 from llm_jax.config import ConfigError
 from llm_jax.registry import Registry
 
-SOURCES: Registry[Callable[[ml_collections.ConfigDict], str]] = Registry("data source")
+Record = dict[str, Any]
+RecordSource = Sequence[Record]  # random access: len() and [i]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSplits:
+    """The records of each split a source has, how to get a record's text, and the records skipped as bad."""
+
+    splits: dict[str, RecordSource]
+    text_of: Callable[[Record], str]
+    skipped_records: int = 0
+
+
+SOURCES: Registry[Callable[[ml_collections.ConfigDict], SourceSplits]] = Registry("data source")
+
+
+def tfds_data_dir(data: ml_collections.ConfigDict) -> str:
+    """data.tfds_data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (TFDS's own default)."""
+    directory = data.tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    return os.path.abspath(os.path.expanduser(directory))
+
+
+def local_record_text(record: Record) -> str:
+    """A local record's text; a sentence pair is the two texts on two lines."""
+    if "text_b" in record:
+        return record["text"] + "\n" + record["text_b"]
+    return record["text"]
+
+
+def _paths(value: str, key: str) -> tuple[str, ...]:
+    paths = tuple(part.strip() for part in value.split(",") if part.strip())
+    if not paths:
+        raise ConfigError(f"{key} is empty: give the file(s) to read, e.g. --config.{key}=FILE (globs and "
+                          "comma-separated lists work)")
+    return paths
+
+
+def _dataset_name(source: str, paths: Sequence[str]) -> str:
+    stem = os.path.splitext(os.path.basename(paths[0]))[0]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{source}_{stem}").strip("._") or source
+
+
+def prepare_local(data: ml_collections.ConfigDict, make_source: Callable[[tuple[str, ...]], Any],
+                  name: str | None = None) -> SourceSplits:
+    """Prepares data.path (and data.eval_path as data.eval_split) once and returns their records."""
+    from llm_jax.data import tfds_sources
+
+    splits = {data.train_split: make_source(_paths(data.path, "data.path"))}
+    if data.eval_path:
+        if data.eval_split == data.train_split:
+            raise ConfigError(f"data.eval_split={data.eval_split!r} is also data.train_split: name them differently")
+        splits[data.eval_split] = make_source(_paths(data.eval_path, "data.eval_path"))
+    name = name or _dataset_name(data.source, splits[data.train_split].paths)
+    try:
+        builder = tfds_sources.prepare(None, tfds_data_dir(data), splits=splits, name=name,
+                                       skip_bad_records=data.skip_bad_records)
+    except ConfigError:
+        raise
+    except ValueError as error:  # FILE:LINE: what is wrong with a record
+        raise ConfigError(f"{error} (data.source={data.source!r}; fix the file, or set data.skip_bad_records=True "
+                          "to skip bad records and count them)") from error
+    import tensorflow_datasets as tfds
+
+    # a read-only builder of the prepared files pickles (into Grain workers) by its directory
+    reader = tfds.builder_from_directory(os.fspath(builder.data_path))
+    records = {split: tfds_sources.DecodedDataSource(reader.as_data_source(split=split)) for split in splits}
+    return SourceSplits(records, local_record_text, tfds_sources.skipped_records(builder))
 
 
 @SOURCES.register("text_file")
-def read_text_file(data: ml_collections.ConfigDict) -> str:
-    """The UTF-8 file at `data.path`."""
-    path = data.path
-    if not path:
-        raise ConfigError("data.path is empty: set --config.data.path=FILE for data.source=text_file")
-    if not os.path.isfile(path):
-        raise ConfigError(f"data.path={path!r}: no such file (working directory {os.getcwd()})")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if not text.strip():
-        raise ConfigError(f"data.path={path!r} is empty: point data.path at a file with text in it")
-    return text
+def text_files(data: ml_collections.ConfigDict) -> SourceSplits:
+    """UTF-8 text files at data.path, cut into documents by data.split_by (file, blank_line or line)."""
+    from llm_jax.data.tfds_sources import LocalSource
+
+    return prepare_local(data, lambda paths: LocalSource("text", paths, split_by=data.split_by))
+
+
+@SOURCES.register("jsonl")
+def jsonl_files(data: ml_collections.ConfigDict) -> SourceSplits:
+    """JSON-lines files at data.path; each object's data.text_field (default "text") is one document."""
+    from llm_jax.data.tfds_sources import LocalSource
+
+    return prepare_local(data, lambda paths: LocalSource("jsonl", paths, text_field=data.text_field or "text"))
+
+
+@SOURCES.register("tsv")
+def tsv_files(data: ml_collections.ConfigDict) -> SourceSplits:
+    """Tab-separated files at data.path: data.text_columns (one, or two for pairs), optional labels."""
+    from llm_jax.data.tfds_sources import LocalSource
+
+    def make(paths: tuple[str, ...]) -> LocalSource:
+        return LocalSource("tsv", paths, text_columns=tuple(data.text_columns),
+                           label_column=data.label_column or None, labels=tuple(data.labels) or None,
+                           has_header=data.has_header)
+
+    return prepare_local(data, make)
+
+
+def python_docs_topics() -> list[str]:
+    """The topic pages of Python's own help system (`pydoc_data.topics`), shipped with every CPython."""
+    from pydoc_data import topics
+
+    return [topics.topics[name].strip() for name in sorted(topics.topics)]
 
 
 @SOURCES.register("python_docs")
-def read_python_docs(data: ml_collections.ConfigDict) -> str:
-    """The topic pages of Python's own help system (`pydoc_data.topics`), shipped with every CPython.
+def python_docs(data: ml_collections.ConfigDict) -> SourceSplits:
+    """Python's help topics, one document each (about 470 KB of prose and code), so the default experiment
+    runs offline with no data file. Written once as JSONL under the data directory, then prepared like a file."""
+    from llm_jax.data.tfds_sources import LocalSource
 
-    About 750 KB of English prose and code, so the default experiment runs offline with no data file.
-    """
-    from pydoc_data import topics
+    lines = "".join(json.dumps({"text": topic}) + "\n" for topic in python_docs_topics()).encode("utf-8")
+    directory = os.path.join(tfds_data_dir(data), "python_docs_source")
+    path = os.path.join(directory, f"topics-{hashlib.sha256(lines).hexdigest()[:16]}.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        with open(f"{path}.{os.getpid()}.tmp", "wb") as f:
+            f.write(lines)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
+    local = data.copy_and_resolve_references()
+    local.path, local.eval_path = path, ""
+    return prepare_local(local, lambda paths: LocalSource("jsonl", paths), name="python_docs")
 
-    return "\n\n".join(topics.topics[name].strip() for name in sorted(topics.topics))
+
+@SOURCES.register("tfds")
+def tfds_catalog_dataset(data: ml_collections.ConfigDict) -> SourceSplits:
+    """A TFDS catalog dataset (data.tfds_name) read from data.tfds_data_dir, prepared there when it can be."""
+    from llm_jax.data import tfds_catalog
+
+    if not data.tfds_name:
+        raise ConfigError("data.tfds_name is empty: name the TFDS dataset for data.source=tfds, "
+                          "e.g. --config.data.tfds_name=wikitext/wikitext-2-raw-v1")
+    splits = {data.train_split: None, data.eval_split: None}
+    records = {}
+    for split in splits:
+        try:
+            records[split] = tfds_catalog.catalog_source(data.tfds_name, split, tfds_data_dir(data))
+        except tfds_catalog.CatalogError as error:
+            if split == data.eval_split and "split" in str(error) and split != data.train_split:
+                continue  # no evaluation split: the pipeline holds out part of the train split
+            raise ConfigError(f"data.tfds_name={data.tfds_name!r}: {error}") from error
+    return SourceSplits(records, functools.partial(tfds_catalog.text_of, text_field=data.text_field or None))
+
+
+def source_splits(data: ml_collections.ConfigDict, overrides: Mapping[str, Any] | None = None) -> SourceSplits:
+    """The records of data.source, optionally with some source keys replaced (a mixture component)."""
+    if overrides:
+        data = data.copy_and_resolve_references()
+        for key, value in overrides.items():
+            if key != "weight":
+                data[key] = tuple(value) if isinstance(data[key], tuple) else value
+    return SOURCES.get(data.source)(data)

@@ -371,6 +371,12 @@ def _builder_class():
             self._skip_bad_records = skip_bad_records
             super().__init__(**kwargs)
 
+        def _log_download_bytes(self) -> None:  # TFDS prints these to stdout; `prepare` logs instead
+            pass
+
+        def _log_download_done(self) -> None:
+            pass
+
         def _info(self):
             first = next(iter(self._local_splits.values()))
             return tfds.core.DatasetInfo(
@@ -475,6 +481,26 @@ def prepare(
         raise ValueError(f"name={name!r}: give a plain directory name")
     all_splits = _check_splits(source, splits)
     fp = fingerprint(all_splits, skip_bad_records=skip_bad_records)
+    os.makedirs(os.path.join(data_dir, name), exist_ok=True)
+    with _exclusive_lock(os.path.join(data_dir, name, ".prepare.lock")):
+        return _prepare_locked(all_splits, data_dir, name, fp, skip_bad_records)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: str):
+    """One process at a time (local processes of one job, or parallel runs) prepares a dataset; the others
+    wait and then find it prepared."""
+    import fcntl
+
+    with open(path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _prepare_locked(all_splits: dict[str, LocalSource], data_dir: str, name: str, fp: str, skip_bad_records: bool):
     root = os.path.join(data_dir, name, fp)
     builder = _builder_class()(
         splits=all_splits, skip_bad_records=skip_bad_records, data_dir=root, file_format="array_record"

@@ -298,6 +298,9 @@ class SentencePieceTokenizer:
         _check_digest(model_proto, spec, path)
         return cls(model_proto, path)
 
+    def __reduce__(self):  # pickled into Grain worker processes as its model bytes
+        return type(self), (self.model_proto,)
+
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._processor.encode(text), dtype=np.int32)
 
@@ -381,6 +384,9 @@ class GPT2BPETokenizer:
         ranks_file = _read_bytes(path)
         _check_digest(ranks_file, spec, path)
         return cls(ranks_file, path)
+
+    def __reduce__(self):  # pickled into Grain worker processes as its ranks file
+        return type(self), (self.ranks_file, "<pickled ranks>")
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._encoding.encode(text, allowed_special="all"), dtype=np.int32)

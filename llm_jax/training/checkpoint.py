@@ -5,20 +5,26 @@ Layout on disk (one directory per saved step)::
     WORKDIR/checkpoints/
         <step>/
             state/   # the train-state pytree (StandardCheckpointHandler / OCDBT)
-            data/    # the data-iterator state (JSON)
+            data/    # the data-iterator state of each process: process_<i>-of-<n>.json
 
 All processes must call :meth:`Checkpointer.save` and :meth:`Checkpointer.restore`
 (Orbax synchronises the processes and lets the primary host do the single-writer
-parts); there is deliberately no process-0-only logic here.
+parts); there is deliberately no process-0-only logic here. Each process's input
+pipeline reads its own shard, so each writes its own iterator state (as Grain's own
+Orbax handler does).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 __all__ = ["Checkpointer", "STATE_ITEM", "DATA_ITEM"]
 
@@ -31,6 +37,50 @@ def _absolute(directory: str | os.PathLike[str]) -> str:
     if "://" in path:  # gs://, s3://, ... : already absolute, os.path would mangle it.
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def _process_file(index: int, count: int) -> str:
+    return f"process_{index}-of-{count}.json"
+
+
+class ProcessJsonHandler(ocp.CheckpointHandler):
+    """One JSON file per process: the data-iterator state of that process's shard.
+
+    Restoring with another process count works only when every saved state is the same (a step-indexed
+    sampler); a sharded iterator's position cannot be redistributed, and the error says so.
+    """
+
+    def save(self, directory: epath.Path, args: "ProcessJsonSave") -> None:
+        name = _process_file(jax.process_index(), jax.process_count())
+        (directory / name).write_text(json.dumps(args.item, sort_keys=True))
+
+    def restore(self, directory: epath.Path, args: "ProcessJsonRestore | None" = None) -> dict:
+        own = directory / _process_file(jax.process_index(), jax.process_count())
+        if own.exists():
+            return json.loads(own.read_text())
+        saved = sorted(directory.glob("process_*-of-*.json"))
+        states = [json.loads(path.read_text()) for path in saved]
+        if states and all(state == states[0] for state in states):
+            return states[0]
+        raise ValueError(
+            f"{directory} holds the data-iterator states of {len(saved)} processes "
+            f"({', '.join(p.name for p in saved)}), this job has {jax.process_count()}: each process's input "
+            "shard position cannot be moved to another process count; resume with the same number of processes")
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+    item: dict
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 class Checkpointer:
@@ -111,7 +161,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             **{
                 STATE_ITEM: ocp.args.StandardSave(state),
-                DATA_ITEM: ocp.args.JsonSave(dict(data_state)),
+                DATA_ITEM: ProcessJsonSave(dict(data_state)),
             }
         )
         return bool(self._manager.save(int(step), args=args, force=force))
@@ -148,7 +198,7 @@ class Checkpointer:
             args=ocp.args.Composite(
                 **{
                     STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-                    DATA_ITEM: ocp.args.JsonRestore(),
+                    DATA_ITEM: ProcessJsonRestore(),
                 }
             ),
         )

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 
+from llm_jax.data.pipeline import describe
 from llm_jax.sharding import batch_sharding, global_batch
 from llm_jax.training import evaluation
 from llm_jax.training.checkpoint import Checkpointer
@@ -179,8 +180,8 @@ class HostLoop:
         if self.events.is_log(step):
             self._log(step, window)
         if self.events.is_eval(step):
-            metrics = self._excluded(window, lambda: self.evaluator.evaluate(state.params, "validation",
-                                                                             self.run.config.train.eval_steps))
+            metrics = self._excluded(window, lambda: self.evaluator.evaluate(
+                state.params, self.run.config.data.eval_split, self.run.config.train.eval_steps))
             self.writer.write(step, metrics)
             self.final_metrics.update(metrics)
             logging.info("step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -247,6 +248,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             state, start = _restore_or_init(run, checkpointer)
             _drop_metrics_after(workdir, start)
             writer = MetricsWriter(workdir)
+            if start == 0:
+                writer.write(0, describe(run.data))
             try:
                 loop = HostLoop(run, writer, checkpointer)
                 if start >= config.train.steps:
@@ -260,6 +263,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     finally:
         stop_request.restore()
         checkpointer.close()
+        run.data.train.close()
 
 
 def _last_metrics(workdir: str) -> dict[str, float]:

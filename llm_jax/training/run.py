@@ -55,11 +55,12 @@ class Run:
         return nn.logical_axis_rules(self.rules)
 
 
-def _check_vocab(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:
-    if config.model.vocab_size is not None and config.model.vocab_size < tokenizer_vocab:
+def _check_vocab(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
+    if config.model.vocab_size is not None and config.model.vocab_size != tokenizer.vocab_size:
         raise config_lib.ConfigError(
-            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids; "
-            "raise it or leave it unset to follow the tokenizer")
+            f"model.vocab_size={config.model.vocab_size} does not match the {tokenizer.kind} tokenizer's "
+            f"{tokenizer.vocab_size} ids (data.tokenizer={config.data.tokenizer!r}); leave model.vocab_size unset to "
+            "follow the tokenizer (the embedding is padded to model.vocab_pad_multiple anyway)")
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[jax.Device] | None = None,
@@ -79,7 +80,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Seque
         tokenizer = data.tokenizer
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
-    _check_vocab(config, tokenizer.vocab_size)
+    _check_vocab(config, tokenizer)
     model_config = saved_model_config or build_model_config(config.model, tokenizer.vocab_size, mesh_sizes)
     model = build_model(model_config)
     tx, schedule = build_optimizer(config.optimizer, config.train.steps)
