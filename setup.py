@@ -16,6 +16,7 @@ setup(
         "optax>=0.2.5",
         "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9",
+        "importlib_resources>=6",  # TFDS's DatasetBuilder.code_path imports it (declared there for Python < 3.9 only)
         "sentencepiece>=0.2",
         "tiktoken>=0.7",
         "absl-py>=2.1",
@@ -27,5 +28,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # preparing TFDS catalog datasets whose builders need TensorFlow or Apache Beam (reading never does)
+        "tfds-prepare": ["tensorflow-cpu>=2.16", "apache-beam>=2.50"],
     },
 )

@@ -89,7 +89,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "label_column": Key("", "TSV label column (with data.labels)"),
         "labels": Key((), "allowed TSV labels; a row with another label is bad input"),
         "has_header": Key(True, "TSV files start with a header row"),
-        "tfds_name": Key("", "TFDS catalog dataset for source=tfds, e.g. wikitext/wikitext-2-raw-v1 or glue/sst2"),
+        "tfds_name": Key("", "TFDS catalog dataset for source=tfds, e.g. lm1b, imdb_reviews or glue/sst2"),
         "tfds_data_dir": Key("", "where TFDS datasets are prepared and read; empty = $TFDS_DATA_DIR or "
                                  "~/tensorflow_datasets"),
         "train_split": Key("train", "split trained on"),

@@ -152,14 +152,14 @@ def tfds_catalog_dataset(data: ml_collections.ConfigDict) -> SourceSplits:
 
     if not data.tfds_name:
         raise ConfigError("data.tfds_name is empty: name the TFDS dataset for data.source=tfds, "
-                          "e.g. --config.data.tfds_name=wikitext/wikitext-2-raw-v1")
+                          "e.g. --config.data.tfds_name=lm1b or glue/sst2")
     splits = {data.train_split: None, data.eval_split: None}
     records = {}
     for split in splits:
         try:
             records[split] = tfds_catalog.catalog_source(data.tfds_name, split, tfds_data_dir(data))
         except tfds_catalog.CatalogError as error:
-            if split == data.eval_split and "split" in str(error) and split != data.train_split:
+            if isinstance(error, tfds_catalog.UnknownSplitError) and split == data.eval_split != data.train_split:
                 continue  # no evaluation split: the pipeline holds out part of the train split
             raise ConfigError(f"data.tfds_name={data.tfds_name!r}: {error}") from error
     return SourceSplits(records, functools.partial(tfds_catalog.text_of, text_field=data.text_field or None))
