@@ -100,3 +100,20 @@ def test_missing_dataset_and_tokenizer_say_what_to_run(corpus, tmp_path):
     assert "no tokenizer in" in result.stderr and "train-tokenizer" in result.stderr
     result = run_data("frobnicate")
     assert result.returncode != 0 and "give a command first" in result.stderr
+
+
+def test_inspect_config_shows_the_first_training_rows_of_the_pipeline(tmp_path):
+    """`inspect --config` builds the experiment's own pipeline: first-fit rows with several documents each."""
+    path = tmp_path / "short_lines.txt"
+    path.write_text("".join(f"line {i} is short\n" for i in range(100)))
+    out = ok("inspect", "--config=experiments/python_docs.py:quick", f"--config.data.path={path}",
+             "--config.data.source=text_file", "--config.data.split_by=line", "--config.data.packing=first_fit",
+             "--config.data.tokenizer=byte", "--config.data.seq_len=32", "--num_examples=3", "--max_chars=200")
+    lines = out.splitlines()
+    assert lines[0].startswith("data.source='text_file' pipeline='grain' objective='causal_lm' packing='first_fit'")
+    assert "batch (8, 32)" in lines[0]
+    assert len([line for line in lines if line.startswith("example ")]) == 3
+    segments = [line for line in lines if line.startswith("  segment ")]
+    assert len(segments) >= 6, "first-fit rows of 32 bytes hold two lines of about 16 bytes"
+    assert all(re.search(r"positions 0-\d+: \"line \d+ is", line) for line in segments), \
+        "every segment is one document from its start: positions restart at 0"

@@ -300,3 +300,13 @@ def test_sigterm_to_the_launcher_checkpoints_every_process_at_the_same_step(tmp_
     outputs = [stderr_path.read_text(), (logs / "process_1.log").read_text()]
     for output in outputs:
         assert f"checkpointed step {saved[0]}, stopping" in output, output[-2000:]
+    # each process read its own shard of the documents and saved its own Grain iterator position
+    data_dir = workdir / "checkpoints" / str(saved[0]) / "data"
+    states = [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+    assert "grain" in states[0] and states[0] != states[1]
+    two_devices = {**subprocess_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    one_process = subprocess.run([sys.executable, "-m", "llm_jax.train", *train_args], cwd=REPO_ROOT,
+                                 env=two_devices, capture_output=True, text=True, timeout=300)
+    assert one_process.returncode != 0
+    assert "data-iterator states of 2 processes" in one_process.stderr, one_process.stderr[-3000:]
+    assert "Traceback" not in one_process.stderr

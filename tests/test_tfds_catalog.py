@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow_datasets")
@@ -312,3 +313,24 @@ def test_text_of_named_field_and_errors():
         text_of(record, "label")
     with pytest.raises(CatalogError, match=r"no known text field .*\['answer', 'id'\].*data.text_field"):
         text_of({"id": 1, "answer": "x"}, None)
+
+
+def test_catalog_dataset_feeds_the_training_pipeline(dolly_dir):
+    """data.source=tfds: the catalog's train split, the last record held out (no validation split), packed."""
+    from llm_jax import config as config_lib
+    from llm_jax.data.pipeline import build_data
+
+    config = config_lib.default_config()
+    config.data.update(source="tfds", tfds_name="databricks_dolly", tfds_data_dir=str(dolly_dir), tokenizer="byte",
+                       seq_len=8, validation_fraction=0.34)
+    config.train.batch_size = 2
+    data = build_data(config)
+    rows = data.train.next_chunk(12)
+    stream = bytes(np.concatenate([rows["inputs"][..., :1], rows["targets"]], -1).reshape(-1).tolist()).decode(
+        "utf-8", errors="replace")
+    evaluation = bytes(next(data.eval_batches("validation", 1))["inputs"].reshape(-1).tolist()).decode(
+        "utf-8", errors="replace")
+    texts = {text_of(record) for record in DOLLY}
+    train_texts = {text for text in texts if text[:10] in stream}
+    assert len(train_texts) == 2 and not any(text[:10] in evaluation for text in train_texts)
+    assert (texts - train_texts).pop()[:6] in evaluation

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, shared_data_file, subprocess_env
 
 QUICK = ["--config=experiments/python_docs.py:quick"]
 RESUME_ARGS = ["--config.train.steps=300", "--config.train.steps_per_dispatch=2", "--config.train.log_every=10",
@@ -52,6 +52,7 @@ def test_training_writes_the_work_directory_and_loss_falls(trained):
     assert saved["model_config"]["padded_vocab_size"] % 128 == 0
     assert os.listdir(trained / "tensorboard") and (trained / "tokenizer" / "tokenizer.json").exists()
     assert sorted(os.listdir(trained / "checkpoints")) == ["200", "300"]
+    assert records[0] == {"step": 0, "data/skipped_records": 0, "data/vocab_size": 512}
 
 
 def test_sigterm_checkpoints_and_rerun_resumes_exactly(trained, tmp_path):
@@ -127,3 +128,17 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     bad_step = int(result.stderr.split("train/loss is nan at step ")[1].split(";")[0])
     saved = sorted(int(name) for name in os.listdir(tmp_path / "checkpoints"))
     assert saved and max(saved) < bad_step
+
+
+def test_wikitext2_quick_trains_and_evaluates_the_whole_test_split(tmp_path):
+    for name in ("wikitext2_valid.txt", "wikitext2_test.txt"):
+        shared_data_file(name)
+    workdir = tmp_path / "wikitext2"
+    result = run_module("llm_jax.train", "--config=experiments/wikitext2.py:quick", f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = run_module("llm_jax.evaluate", f"--workdir={workdir}", "--split=test", "--eval_steps=-1")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    printed = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert printed["step"] == 20 and 1.0 < printed["eval/perplexity"] < 1024
+    # the whole test split: every packed row once, so more target tokens than train.eval_steps batches hold
+    assert printed["eval/tokens"] > 4 * 8 * 32

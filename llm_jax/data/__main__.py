@@ -6,6 +6,7 @@
         --vocab_size=8192 --output_dir=tokenizers/corpus          # or --text_file=corpus.txt
     python -m llm_jax.data inspect --data_dir=data --name=corpus --tokenizer_dir=tokenizers/corpus --seq_len=128
     python -m llm_jax.data stats --data_dir=data --name=corpus [--tokenizer_dir=tokenizers/corpus]
+    python -m llm_jax.data inspect --config=experiments/wikitext2.py   # the rows training would see
 
 The command is the first positional argument; flags may come before or after it.
 """
@@ -13,6 +14,7 @@ The command is the first positional argument; flags may come before or after it.
 from __future__ import annotations
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from llm_jax.cli import quiet_library_logs, run_reporting_errors
 from llm_jax.data import cli
@@ -51,6 +53,9 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "inspect: packed row length")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 2, "inspect: packed rows to show")
 _SPLIT = flags.DEFINE_string("split", "train", "inspect: the split to read")
 _MAX_CHARS = flags.DEFINE_integer("max_chars", 60, "inspect: characters of each segment's text to show")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "inspect: an experiment file; shows the first training "
+                                          "batch its data pipeline builds (instead of --data_dir/--name)",
+                                          lock_config=True)
 
 
 def _delimiter(value: str) -> str:
@@ -78,6 +83,8 @@ def _run(command: str) -> None:
             tokenizer=_TOKENIZER.value, output_dir=_OUTPUT_DIR.value, vocab_size=_VOCAB_SIZE.value,
             model_type=_MODEL_TYPE.value, tokenizer_path=_TOKENIZER_PATH.value, data_dir=_DATA_DIR.value,
             name=_NAME.value, text_file=_TEXT_FILE.value, sample=_SAMPLE.value)
+    elif command == "inspect" and _CONFIG.value is not None:
+        lines = cli.inspect_run(_CONFIG.value, num_examples=_NUM_EXAMPLES.value, max_chars=_MAX_CHARS.value)
     elif command == "inspect":
         _require(data_dir=_DATA_DIR.value, name=_NAME.value, tokenizer_dir=_TOKENIZER_DIR.value)
         lines = cli.inspect(

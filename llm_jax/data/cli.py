@@ -202,17 +202,45 @@ def inspect(*, data_dir: str, name: str, tokenizer_dir: str, seq_len: int, num_e
     for index, row in enumerate(first_fit_pack(examples(), seq_len, stats=stats)):
         if index == num_examples:
             break
-        segments = row["segment_ids"]
-        used = int(np.count_nonzero(segments))
-        lines.append(f"example {index}: {int(segments.max())} segments, {used}/{seq_len} tokens, "
-                     f"{seq_len - used} padding")
-        for segment in range(1, int(segments.max()) + 1):
-            where = np.flatnonzero(segments == segment)
-            positions = row["positions"][where]
-            text = tokenizer.decode(row["inputs"][where].tolist())
-            lines.append(f"  segment {segment}: tokens {where[0]}-{where[-1]}, positions "
-                         f"{positions[0]}-{positions[-1]}: {_shown(text, max_chars)}")
+        lines += _row_lines(index, row, tokenizer, max_chars)
     lines.append(f"packing so far: {stats['examples']} documents, {stats['truncated']} cut to seq_len")
+    return lines
+
+
+def _row_lines(index: int, row: dict[str, np.ndarray], tokenizer, max_chars: int) -> list[str]:
+    """One packed row: a header line, then one line per segment (token span, positions, decoded inputs)."""
+    segments, seq_len = row["segment_ids"], len(row["segment_ids"])
+    used = int(np.count_nonzero(segments))
+    lines = [f"example {index}: {len(np.unique(segments[segments > 0]))} segments, {used}/{seq_len} tokens, "
+             f"{seq_len - used} padding" + (f", {int(row['weights'].sum())} weighted targets" if "weights" in row
+                                             else "")]
+    for segment in np.unique(segments[segments > 0]):
+        where = np.flatnonzero(segments == segment)
+        positions = row["positions"][where]
+        text = tokenizer.decode(row["inputs"][where].tolist())
+        lines.append(f"  segment {segment}: tokens {where[0]}-{where[-1]}, positions "
+                     f"{positions[0]}-{positions[-1]}: {_shown(text, max_chars)}")
+    return lines
+
+
+def inspect_run(config, *, num_examples: int = 2, max_chars: int = 60) -> list[str]:
+    """The first rows of the first training batch exactly as `llm_jax.train` builds them from `config`."""
+    from llm_jax.data.pipeline import build_data
+
+    data = build_data(config)
+    try:
+        batch = {key: value[0] for key, value in data.train.next_chunk(1).items()}
+    finally:
+        data.train.close()
+    d = config.data
+    lines = [f"data.source={d.source!r} pipeline={d.pipeline!r} objective={d.objective!r} packing={d.packing!r}: "
+             f"tokenizer {data.tokenizer.kind} (vocab {data.tokenizer.vocab_size}), batch {batch['inputs'].shape}, "
+             f"{data.skipped_records} bad records skipped"]
+    if "segment_ids" not in batch:
+        batch["segment_ids"] = np.ones_like(batch["inputs"])
+        batch["positions"] = np.broadcast_to(np.arange(batch["inputs"].shape[1]), batch["inputs"].shape)
+    for index in range(min(num_examples, len(batch["inputs"]))):
+        lines += _row_lines(index, {key: value[index] for key, value in batch.items()}, data.tokenizer, max_chars)
     return lines
 
 

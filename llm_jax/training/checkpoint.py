@@ -26,6 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from llm_jax.config import ConfigError
+
 __all__ = ["Checkpointer", "STATE_ITEM", "DATA_ITEM"]
 
 STATE_ITEM = "state"
@@ -62,7 +64,7 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
         states = [json.loads(path.read_text()) for path in saved]
         if states and all(state == states[0] for state in states):
             return states[0]
-        raise ValueError(
+        raise ConfigError(
             f"{directory} holds the data-iterator states of {len(saved)} processes "
             f"({', '.join(p.name for p in saved)}), this job has {jax.process_count()}: each process's input "
             "shard position cannot be moved to another process count; resume with the same number of processes")

@@ -1,4 +1,5 @@
-"""Evaluation over a fixed number of batches of one split: eval/loss, eval/perplexity, eval/token_accuracy."""
+"""Evaluation over a number of batches of one split: eval/loss, eval/perplexity, eval/token_accuracy and the
+target tokens they cover (eval/tokens)."""
 
 from __future__ import annotations
 
@@ -29,4 +30,4 @@ class Evaluator:
         weight = max(float(totals["weight_sum"]), 1.0)
         loss = float(totals["loss_sum"]) / weight
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0)),
-                "eval/token_accuracy": float(totals["correct_sum"]) / weight}
+                "eval/token_accuracy": float(totals["correct_sum"]) / weight, "eval/tokens": float(totals["weight_sum"])}
