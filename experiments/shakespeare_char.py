@@ -3,7 +3,8 @@
     python -m llm_jax.train --config=experiments/shakespeare_char.py --workdir=runs/shakespeare_char
     python -m llm_jax.train --config=experiments/shakespeare_char.py:quick --workdir=/tmp/quick
 
-The default variant is the measured recipe; `quick` is a few-second smoke run.
+The default variant is the measured recipe; `quick` is a few-second smoke run; `grain` feeds the same model
+from the Grain pipeline instead (speeches as documents, shuffled per epoch, packed with segment ids).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ml_collections
 
 from llm_jax.config import default_config
 
-VARIANTS = ("quick",)
+VARIANTS = ("quick", "grain")
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 
@@ -34,8 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.update(steps=60, log_every=20, eval_every=30, eval_steps=4, checkpoint_every=30,
                             steps_per_dispatch=10)
         config.optimizer.update(warmup_steps=10)
+    elif arg == "grain":
+        config.data.update(pipeline="grain", split_by="blank_line")
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of shakespeare_char; use no argument or 'quick'")
+        raise ValueError(f"unknown variant {arg!r} of shakespeare_char; use no argument or one of {VARIANTS}")
     return config
 
 
