@@ -104,6 +104,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "separate_documents": Key(True, "packed rows carry segment ids and positions: no attention or targets across "
                                         "documents, positions restart per document"),
         "num_workers": Key(0, "Grain worker processes for tokenizing and packing (0 = in the training process)"),
+        "read_threads": Key(0, "threads reading and tokenizing records ahead in each process (0 = on demand; "
+                               "on a 2-core CPU that is fastest, hosts reading remote storage want more)"),
         "tokenizer": Key("char", "tokenizer", "llm_jax.data.tokenizers:TOKENIZERS"),
         "tokenizer_path": Key("", "existing tokenizer file: GPT-2's ranks file for tokenizer=gpt2_bpe (required, "
                                   "e.g. ../shared/data/gpt2.tiktoken); a SentencePiece .model for "
@@ -273,6 +275,7 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
     for name in ("packing_bins", "tokenizer_max_chars", "seq_len"):
         _require(data[name] >= 1, f"data.{name}={data[name]} must be >= 1")
     _require(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0")
+    _require(data.read_threads >= 0, f"data.read_threads={data.read_threads} must be >= 0")
     _require(not data.mixture or data.pipeline == "grain",
              "data.mixture needs data.pipeline=grain (the windows sampler reads one token stream)")
     for index, component in enumerate(data.mixture):

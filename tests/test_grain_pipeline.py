@@ -92,9 +92,9 @@ def test_processes_holding_the_same_rows_read_the_same_shard(numbered_docs):
     _assert_chunks_equal(whole, again)
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_resume_mid_epoch_gives_exactly_the_uninterrupted_batches(numbered_docs, num_workers):
-    config = _config(numbered_docs, num_workers=num_workers, packing="first_fit")
+@pytest.mark.parametrize("num_workers, read_threads", [(0, 0), (0, 4), (1, 0)])
+def test_resume_mid_epoch_gives_exactly_the_uninterrupted_batches(numbered_docs, num_workers, read_threads):
+    config = _config(numbered_docs, num_workers=num_workers, read_threads=read_threads, packing="first_fit")
     uninterrupted = build_data(config)
     uninterrupted.train.next_chunk(7)  # mid-epoch: 54 documents are about 25 batches
     state = json.loads(json.dumps(uninterrupted.train.get_state()))  # as the checkpoint stores it
