@@ -64,6 +64,27 @@ def test_two_processes_train_like_one(mesh, tmp_path):
         assert actual == pytest.approx(expected, rel=1e-5), f"step {step}: {one} vs {two}"
 
 
+def test_two_process_grain_run_resumes_each_shard_exactly(tmp_path):
+    """Stopped at step 6 and resumed, a 2-process run on the Grain pipeline (each process its own document
+    shard and iterator state) logs the losses of an uninterrupted run. decay_steps is fixed, so the two
+    schedules agree although the first leg asks for 6 steps."""
+    args = [*QUICK, "--config.mesh.data=2", "--config.optimizer.decay_steps=12", "--config.train.checkpoint_every=6"]
+
+    def run(workdir, steps: int) -> None:
+        logs = tmp_path / f"logs_{workdir.name}_{steps}"
+        status = local.launch([*args, f"--config.train.steps={steps}", f"--workdir={workdir}"], 2, 1,
+                              env=launcher_env(), cwd=str(REPO_ROOT), log_dir=str(logs),
+                              timeouts=processes.Timeouts(total=240))
+        assert status == 0, (logs / "process_0.log").read_text()[-3000:]
+
+    run(tmp_path / "uninterrupted", 12)
+    run(tmp_path / "resumed", 6)
+    run(tmp_path / "resumed", 12)
+    expected, resumed = train_losses(tmp_path / "uninterrupted"), train_losses(tmp_path / "resumed")
+    assert [step for step, _ in resumed] == list(range(1, 13))
+    assert resumed == expected
+
+
 # ---- failures ----------------------------------------------------------------------------------------------
 
 
