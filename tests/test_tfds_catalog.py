@@ -253,12 +253,12 @@ def test_waits_for_another_preparer_and_rechecks(dolly_dir, caplog):
             results["error"] = error
 
     caplog.set_level(logging.INFO, logger=tfds_catalog.__name__)
-    with tfds_catalog._locked(lock_path):  # another process is preparing
+    with tfds_catalog.exclusive_lock(lock_path):  # another process is preparing
         reader = threading.Thread(target=read)
         reader.start()
         time.sleep(0.5)
         assert reader.is_alive(), results  # waiting for the lock
-        with tfds_catalog._quiet_progress():
+        with tfds_catalog.quiet_progress():
             builder.download_and_prepare(file_format="array_record")
     reader.join(timeout=60)
     assert "error" not in results, results

@@ -29,7 +29,6 @@ tensorflow-datasets 4.9.10 without TensorFlow: TFDS imports its legacy builders 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import importlib
@@ -40,7 +39,7 @@ import re
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from llm_jax.data.tfds_sources import DecodedDataSource, _quiet_progress
+from llm_jax.data.tfds_sources import DecodedDataSource, exclusive_lock, quiet_progress
 
 if TYPE_CHECKING:  # tensorflow_datasets is imported on first use only
     from tensorflow_datasets.core import DatasetBuilder
@@ -166,21 +165,6 @@ def _lock_path(builder: DatasetBuilder) -> str:
     return os.path.join(os.fspath(builder.data_dir_root), f".{variant}.prepare.lock")
 
 
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """An exclusive `fcntl.flock` on `path`, held for the block (local processes wait for one another)."""
-    import fcntl
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as lock_file:
-        logger.debug("waiting for %s", path)
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 def _uses_beam(tfds: ModuleType, builder: DatasetBuilder) -> bool:
     """Whether `builder` generates its dataset with an Apache Beam pipeline."""
     import inspect
@@ -267,7 +251,7 @@ def _classify(error: Exception, name: str, builder: DatasetBuilder, where: str) 
 
 def _prepare(tfds: ModuleType, name: str, data_dir: str | None, builder: DatasetBuilder) -> DatasetBuilder:
     """Prepares `builder`'s dataset in array_record under the lock; returns a builder that reads it."""
-    with _locked(_lock_path(builder)):
+    with exclusive_lock(_lock_path(builder)):
         builder = _builder(tfds, name, data_dir)
         if _is_prepared(builder):
             logger.info("%s was prepared meanwhile by another process in %s", name, builder.data_path)
@@ -278,7 +262,7 @@ def _prepare(tfds: ModuleType, name: str, data_dir: str | None, builder: Dataset
         logger.info("preparing the TFDS dataset %s in %s (array_record)", name, builder.data_path)
         config = tfds.download.DownloadConfig(try_download_gcs=False)
         try:
-            with _quiet_progress():
+            with quiet_progress():
                 builder.download_and_prepare(file_format="array_record", download_config=config)
         except Exception as error:
             failure = _classify(error, name, builder, where)

@@ -451,7 +451,7 @@ def _check_splits(source: LocalSource | None, splits: Mapping[str, LocalSource] 
 
 
 @contextlib.contextmanager
-def _quiet_progress():
+def quiet_progress():
     """No TFDS progress bars while preparing (`tfds.display_progress_bar` is global: restore it after)."""
     from tensorflow_datasets.core.utils import tqdm_utils
 
@@ -481,18 +481,19 @@ def prepare(
         raise ValueError(f"name={name!r}: give a plain directory name")
     all_splits = _check_splits(source, splits)
     fp = fingerprint(all_splits, skip_bad_records=skip_bad_records)
-    os.makedirs(os.path.join(data_dir, name), exist_ok=True)
-    with _exclusive_lock(os.path.join(data_dir, name, ".prepare.lock")):
+    with exclusive_lock(os.path.join(data_dir, name, ".prepare.lock")):
         return _prepare_locked(all_splits, data_dir, name, fp, skip_bad_records)
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: str):
-    """One process at a time (local processes of one job, or parallel runs) prepares a dataset; the others
-    wait and then find it prepared."""
+def exclusive_lock(path: str) -> Iterator[None]:
+    """An exclusive `fcntl.flock` on `path` (created with its directory) for the block: one process at a time
+    (local processes of one job, or parallel runs) prepares a dataset; the others wait, then find it prepared."""
     import fcntl
 
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as lock_file:
+        logger.debug("waiting for %s", path)
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             yield
@@ -510,7 +511,7 @@ def _prepare_locked(all_splits: dict[str, LocalSource], data_dir: str, name: str
     # TFDS renames its incomplete.* directory into place only once every split is written
     reused = os.path.exists(os.path.join(os.fspath(builder.data_path), "dataset_info.json"))
     if not reused:
-        with _quiet_progress():
+        with quiet_progress():
             mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
         # the records are written: re-read the info so that the metadata reflects what is on disk
