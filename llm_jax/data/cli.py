@@ -12,11 +12,13 @@ import json
 import os
 import statistics
 import sys
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from llm_jax.config import ConfigError, default_config
+from llm_jax.data.sources import local_record_text
+from llm_jax.data.tokenizers import special_ids
 
 COMMANDS = ("prepare", "train-tokenizer", "inspect", "stats")
 
@@ -55,13 +57,6 @@ def _splits(data_dir: str, name: str) -> list[str]:
 def _missing_dataset(data_dir: str, name: str, error: Exception) -> CommandError:
     return CommandError(f"{error}: run `python -m llm_jax.data prepare --data_dir={data_dir} --name={name} "
                         "--kind=... --paths=...` first")
-
-
-def _record_text(record: dict[str, Any]) -> str:
-    """The text of a record: "text", plus "text_b" on a new line for sentence pairs."""
-    if "text_b" in record:
-        return record["text"] + "\n" + record["text_b"]
-    return record["text"]
 
 
 def _load_tokenizer(directory: str):
@@ -128,7 +123,7 @@ def training_text(*, data_dir: str | None = None, name: str | None = None, text_
             return f.read()
     if not (data_dir and name):
         raise CommandError("give the training text: --data_dir and --name of a prepared dataset, or --text_file")
-    return "\n".join(_record_text(r) for r in _records(data_dir, name, "train"))
+    return "\n".join(local_record_text(r) for r in _records(data_dir, name, "train"))
 
 
 def train_tokenizer(*, tokenizer: str, output_dir: str, vocab_size: int | None = None, model_type: str | None = None,
@@ -174,10 +169,6 @@ def train_tokenizer(*, tokenizer: str, output_dir: str, vocab_size: int | None =
 # ----------------------------------------------------------------------------- inspect
 
 
-def _eos_id(tokenizer) -> int | None:
-    return getattr(tokenizer, "special_ids", {}).get("eos")
-
-
 def inspect(*, data_dir: str, name: str, tokenizer_dir: str, seq_len: int, num_examples: int = 2,
             split: str = "train", max_chars: int = 60) -> list[str]:
     """`num_examples` rows of first-fit packed documents, one line per segment (id, positions, text)."""
@@ -189,11 +180,11 @@ def inspect(*, data_dir: str, name: str, tokenizer_dir: str, seq_len: int, num_e
         raise CommandError(f"--num_examples={num_examples}: give at least 1")
     tokenizer = _load_tokenizer(tokenizer_dir)
     records = _records(data_dir, name, split)
-    eos_id = _eos_id(tokenizer)
+    eos_id = special_ids(tokenizer).get("eos")
 
     def examples() -> Iterator[dict[str, np.ndarray]]:
         for record in records:
-            yield lm_example(tokenizer.encode(_record_text(record)), eos_id)
+            yield lm_example(tokenizer.encode(local_record_text(record)), eos_id)
 
     stats: dict[str, int] = {}
     lines = [f"dataset {name!r} split {split!r}: {len(records)} documents; tokenizer {tokenizer.kind} "
@@ -261,7 +252,7 @@ def stats(*, data_dir: str, name: str, tokenizer_dir: str | None = None) -> list
     lines = [f"dataset {name!r}" + (f", tokenizer {tokenizer.kind} (vocab {tokenizer.vocab_size})"
                                      if tokenizer is not None else ", characters (no --tokenizer_dir)")]
     for split in _splits(data_dir, name):
-        texts: Iterable[str] = (_record_text(r) for r in _records(data_dir, name, split))
+        texts: Iterable[str] = (local_record_text(r) for r in _records(data_dir, name, split))
         lengths = [len(tokenizer.encode(t)) if tokenizer is not None else len(t) for t in texts]
         lines.append(f"  {split}: {len(lengths)} documents, {sum(lengths)} {unit}; {unit} per document: "
                      f"{_summary(lengths)}")

@@ -20,8 +20,9 @@ import numpy as np
 
 from llm_jax.config import ConfigError
 from llm_jax.data.objectives import OBJECTIVES
+from llm_jax.data.packing import stack_rows
 from llm_jax.data.sources import Record
-from llm_jax.data.tokenizers import Tokenizer
+from llm_jax.data.tokenizers import Tokenizer, special_ids
 
 Batch = dict[str, np.ndarray]
 
@@ -57,7 +58,7 @@ class Tokenize(grain.transforms.Map):
 
     def __init__(self, tokenizer: Tokenizer, text_of: Callable[[Record], str]):
         self.tokenizer, self.text_of = tokenizer, text_of
-        self.eos_id = getattr(tokenizer, "special_ids", {}).get("eos")
+        self.eos_id = special_ids(tokenizer).get("eos")
 
     def map(self, record: Record) -> dict[str, np.ndarray]:
         tokens = self.tokenizer.encode(self.text_of(record)).astype(np.int32)
@@ -93,7 +94,7 @@ def train_batches(components: Sequence[Documents], tokenizer: Tokenizer, data: m
     else:
         mixed = grain.MapDataset.mix(tokenized, [documents.weight for documents in components])
     rows = OBJECTIVES.get(data.objective)(mixed.to_iter_dataset(read_options(data)), data,
-                                          getattr(tokenizer, "special_ids", {}))
+                                          special_ids(tokenizer))
     batches = rows.batch(local_batch, drop_remainder=True)
     if data.num_workers:
         from absl import flags
@@ -110,7 +111,7 @@ def eval_rows(documents: Documents, tokenizer: Tokenizer, data: ml_collections.C
     records = _shard(documents, shard, "the evaluation split")
     tokenized = records.map(Tokenize(tokenizer, documents.text_of))
     return OBJECTIVES.get(data.objective)(tokenized.to_iter_dataset(read_options(data)), data,
-                                          getattr(tokenizer, "special_ids", {}))
+                                          special_ids(tokenizer))
 
 
 def padded_batches(rows: Iterator[Batch], local_batch: int, num_batches: int) -> Iterator[Batch]:
@@ -124,7 +125,7 @@ def padded_batches(rows: Iterator[Batch], local_batch: int, num_batches: int) ->
         if template is None:
             raise ConfigError("the evaluation split produced no rows for this process")
         block += [template] * (local_batch - len(block))
-        yield {key: np.stack([row[key] for row in block]) for key in template}
+        yield stack_rows(block)
 
 
 def count_batches(rows: Iterator[Batch], local_batch: int) -> int:
@@ -145,8 +146,7 @@ class BatchStream:
 
     def next_chunk(self, num_steps: int) -> Batch:
         """The next `num_steps` batches stacked on a leading axis: [num_steps, local_batch, seq_len]."""
-        steps = [next(self._iterator) for _ in range(num_steps)]
-        return {key: np.stack([batch[key] for batch in steps]) for key in steps[0]}
+        return stack_rows([next(self._iterator) for _ in range(num_steps)])
 
     def get_state(self) -> dict[str, Any]:
         return {"grain": self._iterator.get_state()}

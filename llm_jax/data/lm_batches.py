@@ -10,6 +10,8 @@ from typing import Iterator
 
 import numpy as np
 
+from llm_jax.data.packing import stack_rows
+
 Batch = dict[str, np.ndarray]
 _EVAL_STREAM = 0x5EED  # keeps evaluation windows apart from training windows for the same seed
 
@@ -43,7 +45,7 @@ class RandomWindowStream:
         """The next `num_steps` batches stacked on a leading axis: [num_steps, local_batch, seq_len]."""
         steps = [windows(self.tokens, self._offsets(self.next_step + i), self.seq_len) for i in range(num_steps)]
         self.next_step += num_steps
-        return {key: np.stack([batch[key] for batch in steps]) for key in steps[0]}
+        return stack_rows(steps)
 
     def get_state(self) -> dict:
         return {"next_step": self.next_step, "seed": self.seed}

@@ -264,6 +264,11 @@ def first_fit_pack(examples: Iterable[Example], seq_len: int | Mapping[str, int]
 # ----------------------------------------------------------------------------- batching
 
 
+def stack_rows(rows: list[Example]) -> Example:
+    """Rows (or batches) with the same keys stacked on a new leading axis, per key."""
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
 def batch(examples: Iterable[Example], batch_size: int, drop_remainder: bool) -> Iterator[Example]:
     """Stacks consecutive rows to [B, ...] per key; a short final batch is dropped or yielded as it is."""
     if batch_size < 1:
@@ -274,10 +279,10 @@ def batch(examples: Iterable[Example], batch_size: int, drop_remainder: bool) ->
             raise ValueError(f"row keys {sorted(example)} differ from {sorted(pending[0])}")
         pending.append(example)
         if len(pending) == batch_size:
-            yield {key: np.stack([row[key] for row in pending]) for key in pending[0]}
+            yield stack_rows(pending)
             pending = []
     if pending and not drop_remainder:
-        yield {key: np.stack([row[key] for row in pending]) for key in pending[0]}
+        yield stack_rows(pending)
 
 
 # ----------------------------------------------------------------------------- Grain packers (data.packing)

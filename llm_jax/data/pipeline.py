@@ -62,13 +62,17 @@ def _tokenizer_for(config: ml_collections.ConfigDict, text: Callable[[], str], t
     return tokenizer
 
 
+def _check_train_split(source: SourceSplits, data: ml_collections.ConfigDict) -> None:
+    if data.train_split not in source.splits:
+        raise ConfigError(f"data.train_split={data.train_split!r} is not a split of data.source={data.source!r} "
+                          f"(it has {sorted(source.splits)})")
+
+
 def _split_documents(source: SourceSplits, data: ml_collections.ConfigDict,
                      weight: float = 1.0) -> dict[str, grain_pipeline.Documents]:
     """The source's splits as Documents; without an evaluation split, its last data.validation_fraction of
     the train records are held out as data.eval_split."""
-    if data.train_split not in source.splits:
-        raise ConfigError(f"data.train_split={data.train_split!r} is not a split of data.source={data.source!r} "
-                          f"(it has {sorted(source.splits)})")
+    _check_train_split(source, data)
     splits = {name: grain_pipeline.Documents(grain.MapDataset.source(records), source.text_of, weight)
               for name, records in source.splits.items()}
     if data.eval_split not in splits:
@@ -142,8 +146,7 @@ def build_window_data(config: ml_collections.ConfigDict, rows: tuple[int, int],
     data.validation_fraction of the token stream."""
     data, global_batch = config.data, config.train.batch_size
     source = source_splits(data)
-    if data.train_split not in source.splits:
-        raise ConfigError(f"data.train_split={data.train_split!r} is not a split of data.source={data.source!r}")
+    _check_train_split(source, data)
 
     def joined(split: str) -> str:
         return "\n\n".join(source.text_of(record) for record in source.splits[split])

@@ -400,6 +400,11 @@ class GPT2BPETokenizer:
                                 "sha256": _sha256(self.ranks_file)})
 
 
+def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """SPECIAL_TOKENS names -> ids that `tokenizer` has (none for char and byte tokenizers)."""
+    return getattr(tokenizer, "special_ids", {})
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
     """Loads what `Tokenizer.save` wrote; the error names the directory when there is nothing there."""
     path = os.path.join(directory, TOKENIZER_FILE)
