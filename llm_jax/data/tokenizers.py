@@ -265,16 +265,47 @@ def _special_ids(processor: sentencepiece.SentencePieceProcessor) -> dict[str, i
     return {name: i for name, i in ids.items() if i >= 0}
 
 
+class FileBackedTokenizer:
+    """A tokenizer that is the bytes of one file: `save` copies the file into DIR/tokenizer beside
+    tokenizer.json (with its sha256), `from_spec` reads it back and checks it, and pickling (into Grain
+    workers) sends the bytes. `path` and `key` name the file and config key in errors."""
+
+    kind: str
+    FILE: str  # the file's name in DIR/tokenizer
+    SPEC_KEY: str  # the tokenizer.json entry that names the file
+
+    def __init__(self, file_bytes: bytes, path: str, key: str | None = None):
+        self.file_bytes = file_bytes
+
+    @classmethod
+    def from_file(cls, path: str, key: str | None = None):
+        return cls(_read_bytes(path, key), path, key)
+
+    @classmethod
+    def from_spec(cls, spec: dict, directory: str):
+        path = os.path.join(directory, spec[cls.SPEC_KEY])
+        file_bytes = _read_bytes(path)
+        _check_digest(file_bytes, spec, path)
+        return cls(file_bytes, path)
+
+    def __reduce__(self):
+        return type(self), (self.file_bytes, f"<pickled {self.FILE}>")
+
+    def save(self, directory: str) -> None:
+        _write_file(directory, self.FILE, self.file_bytes)
+        _write_spec(directory, {"kind": self.kind, self.SPEC_KEY: self.FILE, "sha256": _sha256(self.file_bytes)})
+
+
 @TOKENIZERS.register("sentencepiece")
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(FileBackedTokenizer):
     """A SentencePiece model (unigram or BPE), trained on the text by `fit` or loaded from
     `data.tokenizer_path`; `special_ids` maps SPECIAL_TOKENS names to the ids this model gives them."""
 
     kind = "sentencepiece"
-    MODEL_FILE = "spm.model"
+    FILE, SPEC_KEY = "spm.model", "model_file"
 
     def __init__(self, model_proto: bytes, path: str = "<trained model>", key: str | None = None):
-        self.model_proto = model_proto
+        super().__init__(model_proto, path, key)
         self._processor = _sentencepiece_processor(model_proto, path, key)
         self.vocab_size = self._processor.get_piece_size()
         self.special_ids = _special_ids(self._processor)
@@ -287,30 +318,16 @@ class SentencePieceTokenizer:
             return cls.from_file(data.tokenizer_path, key="data.tokenizer_path")
         return cls(train_sentencepiece(text, data))
 
-    @classmethod
-    def from_file(cls, path: str, key: str | None = None) -> "SentencePieceTokenizer":
-        return cls(_read_bytes(path, key), path, key)
-
-    @classmethod
-    def from_spec(cls, spec: dict, directory: str) -> "SentencePieceTokenizer":
-        path = os.path.join(directory, spec["model_file"])
-        model_proto = _read_bytes(path)
-        _check_digest(model_proto, spec, path)
-        return cls(model_proto, path)
-
-    def __reduce__(self):  # pickled into Grain worker processes as its model bytes
-        return type(self), (self.model_proto,)
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model."""
+        return self.file_bytes
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._processor.encode(text), dtype=np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._processor.decode(_checked_ids(ids, self.vocab_size))
-
-    def save(self, directory: str) -> None:
-        _write_file(directory, self.MODEL_FILE, self.model_proto)
-        _write_spec(directory, {"kind": self.kind, "model_file": self.MODEL_FILE,
-                                "sha256": _sha256(self.model_proto)})
 
 
 # ----------------------------------------------------------------------------- GPT-2 byte-level BPE
@@ -346,7 +363,7 @@ def load_gpt2_ranks(path: str, contents: bytes, key: str | None = None) -> dict[
 
 
 @TOKENIZERS.register("gpt2_bpe")
-class GPT2BPETokenizer:
+class GPT2BPETokenizer(FileBackedTokenizer):
     """GPT-2's byte-level BPE through tiktoken, from a local ranks file (no network).
 
     `<|endoftext|>` is id 50256 (vocab 50257); where it appears in the text it encodes as that one id, the
@@ -354,12 +371,12 @@ class GPT2BPETokenizer:
     """
 
     kind = "gpt2_bpe"
-    RANKS_FILE = "gpt2.tiktoken"
+    FILE, SPEC_KEY = "gpt2.tiktoken", "ranks_file"
     vocab_size = GPT2_NUM_RANKS + 1
     eot_id = GPT2_NUM_RANKS
 
     def __init__(self, ranks_file: bytes, path: str, key: str | None = None):
-        self.ranks_file = ranks_file
+        super().__init__(ranks_file, path, key)
         self.special_ids = {"eos": self.eot_id}
         self._encoding = tiktoken.Encoding(
             name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_gpt2_ranks(path, ranks_file, key),
@@ -374,30 +391,11 @@ class GPT2BPETokenizer:
                               "--config.data.tokenizer_path=../shared/data/gpt2.tiktoken")
         return cls.from_file(path, key="data.tokenizer_path")
 
-    @classmethod
-    def from_file(cls, path: str, key: str | None = None) -> "GPT2BPETokenizer":
-        return cls(_read_bytes(path, key), path, key)
-
-    @classmethod
-    def from_spec(cls, spec: dict, directory: str) -> "GPT2BPETokenizer":
-        path = os.path.join(directory, spec["ranks_file"])
-        ranks_file = _read_bytes(path)
-        _check_digest(ranks_file, spec, path)
-        return cls(ranks_file, path)
-
-    def __reduce__(self):  # pickled into Grain worker processes as its ranks file
-        return type(self), (self.ranks_file, "<pickled ranks>")
-
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._encoding.encode(text, allowed_special="all"), dtype=np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._encoding.decode(_checked_ids(ids, self.vocab_size))
-
-    def save(self, directory: str) -> None:
-        _write_file(directory, self.RANKS_FILE, self.ranks_file)
-        _write_spec(directory, {"kind": self.kind, "ranks_file": self.RANKS_FILE,
-                                "sha256": _sha256(self.ranks_file)})
 
 
 def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
