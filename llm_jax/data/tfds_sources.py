@@ -1,13 +1,17 @@
 """Local text files -> prepared TFDS datasets (array_record), read back without TensorFlow.
 
-`prepare` turns a `LocalSource` (plain text, JSONL or TSV files) into a TFDS dataset in the
+`prepare` turns a `LocalSource` (plain text, JSONL, TSV or CoNLL files) into a TFDS dataset in the
 `array_record` file format under `data_dir/name/<fingerprint>/`, and `data_source` reads a split of it
 back as a random-access source of dicts (`len()`, `[i]`) through `builder.as_data_source`, which needs
 `array_record` but not TensorFlow.
 
-Records are `{"text": str}`, plus `"text_b": str` for sentence pairs (two TSV text columns) and
-`"label": int` (an index into `LocalSource.labels`) for labelled TSV.  Records keep the order of the
-files (sorted) and of the lines in them: shuffling is disabled.
+Records are `{"text": str}`, plus
+- `"text_b": str` for sentence pairs (two TSV text columns, or JSONL `text_b_field`);
+- `"label": int` (an index into `LocalSource.labels`) for classification (TSV `label_column`, JSONL
+  `label_field`);
+- `"words": list[str]` and `"word_labels": list[int]` (indices into `labels`, one per word) for token
+  labeling (CoNLL files, or JSONL with `tags_field`); their "text" is `" ".join(words)`.
+Records keep the order of the files (sorted) and of the lines in them: shuffling is disabled.
 
 The fingerprint covers every source file (absolute path, size, mtime, sha256 of the content), every
 option of the sources and `skip_bad_records`: an unchanged source reuses the prepared dataset untouched,
@@ -19,10 +23,12 @@ offset), or with `skip_bad_records=True` the bad record is skipped and counted: 
 and stored in the dataset's metadata (`builder.info.metadata["skipped_records"]`, also per split and
 with the first reasons) and returned by `skipped_records(builder)`.
 
-TFDS notes (tensorflow-datasets 4.9.x, no TensorFlow installed): `tfds.features.Text` and `ClassLabel`
-encode and decode without TensorFlow on this path; `Text` decodes to `bytes`, so `data_source` decodes
-to `str`.  The builder builds its `DatasetInfo` directly (`dataset_info_from_configs` would look for
-metadata files next to this module) and is not registered (`skip_registration=True`).
+TFDS notes (tensorflow-datasets 4.9.x, no TensorFlow installed): `tfds.features.Text`, `ClassLabel` and
+a `Sequence` of either encode and decode without TensorFlow on this path; `Text` decodes to `bytes` and
+`ClassLabel` to numpy integers, so `DecodedDataSource` turns them into `str`, `int` and lists of those
+(plain Python values pickle cheaply into Grain workers).  The builder builds its `DatasetInfo` directly
+(`dataset_info_from_configs` would look for metadata files next to this module) and is not registered
+(`skip_registration=True`).
 """
 
 from __future__ import annotations
@@ -40,9 +46,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("text", "jsonl", "tsv")
+KINDS = ("text", "jsonl", "tsv", "conll")
 SPLIT_BY = ("file", "blank_line", "line")
-FORMAT_VERSION = 1  # bump when the parsing or the record layout changes: every fingerprint changes
+FORMAT_VERSION = 2  # bump when the parsing or the record layout changes: every fingerprint changes
 LATEST_FILE = "latest.json"
 MAX_REASONS = 20  # skipped-record reasons kept in the metadata
 
@@ -60,6 +66,14 @@ class LocalSource:
     label_column (tsv): the label column; `labels` lists the allowed values, "label" is the index.
     Columns are header names with `has_header=True`, else 0-based indices (int or digit string).
     TSV rows are split on `delimiter` literally (no quoting); blank lines are ignored.
+    label_field (jsonl): the field of each object's label (a string, or an int compared as str(value)
+      with `labels`); "label" is its index. text_b_field (jsonl): the second text of a pair.
+    words_field, tags_field (jsonl): token labeling: lists of words and of their tags (one per word,
+      each in `labels`); set both, with `labels`, instead of `text_field`/`label_field`/`text_b_field`.
+    conll_columns (conll): the (word, tag) column indices (negative allowed) of each whitespace-separated
+      line; one token per line, blank lines end sentences, "-DOCSTART-" lines are skipped, and so are comment
+      lines (first column "#", before a sentence's first token: CoNLL-U's "# text = ..."); a "#" line inside
+      a sentence and tokens like "#hashtag" are tokens.
     """
 
     kind: str
@@ -71,11 +85,16 @@ class LocalSource:
     labels: tuple[str, ...] | None = None
     has_header: bool = True
     delimiter: str = "\t"
+    label_field: str | None = None
+    text_b_field: str | None = None
+    words_field: str | None = None
+    tags_field: str | None = None
+    conll_columns: tuple[int, int] = (0, -1)
 
     def __post_init__(self):
         if isinstance(self.paths, str):
             object.__setattr__(self, "paths", (self.paths,))
-        for field in ("paths", "text_columns", "labels"):
+        for field in ("paths", "text_columns", "labels", "conll_columns"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, field, tuple(value))
@@ -85,25 +104,53 @@ class LocalSource:
             raise ValueError("LocalSource.paths is empty: give at least one file or glob")
         if self.kind == "text" and self.split_by not in SPLIT_BY:
             raise ValueError(f"LocalSource.split_by={self.split_by!r}: expected one of {SPLIT_BY}")
-        if self.kind == "tsv":
-            if len(self.text_columns) not in (1, 2):
-                raise ValueError(
-                    f"LocalSource.text_columns={self.text_columns!r}: give one column, or two for sentence pairs"
-                )
-            if (self.label_column is None) != (self.labels is None):
-                raise ValueError("LocalSource.label_column and LocalSource.labels go together: set both or neither")
-            if self.labels is not None and (not self.labels or len(set(self.labels)) != len(self.labels)):
-                raise ValueError(f"LocalSource.labels={self.labels!r}: give distinct labels")
-            if not self.delimiter:
-                raise ValueError("LocalSource.delimiter is empty")
+        if self.labels is not None and (not self.labels or len(set(self.labels)) != len(self.labels)):
+            raise ValueError(f"LocalSource.labels={self.labels!r}: give distinct labels")
+        {"tsv": self._check_tsv, "jsonl": self._check_jsonl, "conll": self._check_conll}.get(self.kind, _no_check)()
+
+    def _check_tsv(self) -> None:
+        if len(self.text_columns) not in (1, 2):
+            raise ValueError(
+                f"LocalSource.text_columns={self.text_columns!r}: give one column, or two for sentence pairs"
+            )
+        if (self.label_column is None) != (self.labels is None):
+            raise ValueError("LocalSource.label_column and LocalSource.labels go together: set both or neither")
+        if not self.delimiter:
+            raise ValueError("LocalSource.delimiter is empty")
+
+    def _check_jsonl(self) -> None:
+        if (self.words_field is None) != (self.tags_field is None):
+            raise ValueError("LocalSource.words_field and LocalSource.tags_field go together (token labeling): "
+                             "set both or neither")
+        if self.tags_field is not None and (self.label_field is not None or self.text_b_field is not None):
+            raise ValueError("LocalSource.tags_field (token labeling) excludes label_field and text_b_field "
+                             "(classification): a JSONL source is one or the other")
+        if (self.label_field is not None or self.tags_field is not None) != (self.labels is not None):
+            raise ValueError("LocalSource.labels goes with label_field (classification) or tags_field (token "
+                             "labeling): set labels with one of them, or none of them")
+
+    def _check_conll(self) -> None:
+        if len(self.conll_columns) != 2 or not all(isinstance(c, int) for c in self.conll_columns):
+            raise ValueError(f"LocalSource.conll_columns={self.conll_columns!r}: give two column indices "
+                             "(word, tag), e.g. (0, -1)")
+        if self.labels is None:
+            raise ValueError("LocalSource.labels is needed for kind='conll': list every tag")
 
     @property
     def has_pairs(self) -> bool:
-        return self.kind == "tsv" and len(self.text_columns) == 2
+        return (self.kind == "tsv" and len(self.text_columns) == 2) or (
+            self.kind == "jsonl" and self.text_b_field is not None)
 
     @property
     def has_labels(self) -> bool:
-        return self.kind == "tsv" and self.labels is not None
+        """Records carry a "label" (classification)."""
+        return (self.kind == "tsv" and self.labels is not None) or (
+            self.kind == "jsonl" and self.label_field is not None)
+
+    @property
+    def has_words(self) -> bool:
+        """Records carry "words" and "word_labels" (token labeling)."""
+        return self.kind == "conll" or (self.kind == "jsonl" and self.tags_field is not None)
 
     def options(self) -> dict[str, Any]:
         """The options that matter for this kind (for the fingerprint)."""
@@ -111,7 +158,11 @@ class LocalSource:
         if self.kind == "text":
             out["split_by"] = self.split_by
         elif self.kind == "jsonl":
-            out["text_field"] = self.text_field
+            out.update(text_field=self.text_field, label_field=self.label_field, text_b_field=self.text_b_field,
+                       words_field=self.words_field, tags_field=self.tags_field,
+                       labels=None if self.labels is None else list(self.labels))
+        elif self.kind == "conll":
+            out.update(conll_columns=list(self.conll_columns), labels=list(self.labels))
         else:
             out.update(
                 text_columns=[str(c) for c in self.text_columns],
@@ -121,6 +172,10 @@ class LocalSource:
                 delimiter=self.delimiter,
             )
         return out
+
+
+def _no_check() -> None:
+    pass
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,7 +245,7 @@ class _Records:
         logger.warning("skipping bad record: %s", message)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        parse = {"text": self._text, "jsonl": self._jsonl, "tsv": self._tsv}[self.source.kind]
+        parse = {"text": self._text, "jsonl": self._jsonl, "tsv": self._tsv, "conll": self._conll}[self.source.kind]
         for path in expand_paths(self.source.paths):
             with open(path, "rb") as f:
                 data = f.read()
@@ -253,7 +308,7 @@ class _Records:
                 paragraph = []
 
     def _jsonl(self, path: str, data: bytes) -> Iterator[dict[str, Any]]:
-        field = self.source.text_field
+        to_record = self._jsonl_words if self.source.has_words else self._jsonl_texts
         for number, offset, raw in self._lines(data):
             if not raw.strip():
                 continue
@@ -265,14 +320,74 @@ class _Records:
             except json.JSONDecodeError as e:
                 self.bad(path, number, f"not valid JSON ({e.msg} at column {e.colno})")
                 continue
-            if not isinstance(obj, dict):
-                self.bad(path, number, f"expected a JSON object, got {type(obj).__name__}")
-            elif field not in obj:
-                self.bad(path, number, f"the JSON object lacks the field {field!r} (it has {sorted(obj)[:10]})")
-            elif not isinstance(obj[field], str):
-                self.bad(path, number, f"the field {field!r} is {type(obj[field]).__name__}, not a string")
+            record = to_record(obj) if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+            if isinstance(record, str):
+                self.bad(path, number, record)
             else:
-                yield {"text": obj[field]}
+                yield record
+
+    @staticmethod
+    def _field(obj: dict[str, Any], field: str, types: type | tuple[type, ...], what: str) -> tuple[Any, str | None]:
+        """(obj[field], None), or (None, the reason it is missing or of the wrong type)."""
+        if field not in obj:
+            return None, f"the JSON object lacks the field {field!r} (it has {sorted(obj)[:10]})"
+        value = obj[field]
+        if not isinstance(value, types) or isinstance(value, bool):
+            return None, f"the field {field!r} is {type(value).__name__}, not {what}"
+        return value, None
+
+    def _label_index(self, value: Any, what: str) -> tuple[int | None, str | None]:
+        """The index of str(value) in the labels, or (None, why not)."""
+        labels = self.source.labels or ()
+        if str(value) not in labels:
+            return None, f"{what} {str(value)!r} is not one of {list(labels)} (data.labels)"
+        return labels.index(str(value)), None
+
+    def _jsonl_texts(self, obj: dict[str, Any]) -> dict[str, Any] | str:
+        """A text record (with "text_b" and "label" when asked for), or the reason the object is bad."""
+        source = self.source
+        text, why = self._field(obj, source.text_field, str, "a string")
+        if why:
+            return why
+        record: dict[str, Any] = {"text": text}
+        if source.text_b_field is not None:
+            record["text_b"], why = self._field(obj, source.text_b_field, str, "a string")
+            if why:
+                return why
+        if source.label_field is not None:
+            value, why = self._field(obj, source.label_field, (str, int), "a string or an int")
+            if why:
+                return why
+            record["label"], why = self._label_index(value, "label")
+            if why:
+                return why
+        return record
+
+    def _jsonl_words(self, obj: dict[str, Any]) -> dict[str, Any] | str:
+        """A token-labeling record, or the reason the object is bad."""
+        source = self.source
+        words, why = self._field(obj, source.words_field, list, "a list of words")
+        if why:
+            return why
+        tags, why = self._field(obj, source.tags_field, list, "a list of tags")
+        if why:
+            return why
+        if len(words) != len(tags):
+            return (f"{len(words)} words ({source.words_field!r}) but {len(tags)} tags ({source.tags_field!r}): "
+                    "give one tag per word")
+        if not words:
+            return f"the field {source.words_field!r} is an empty list"
+        if not all(isinstance(w, str) for w in words):
+            return f"the field {source.words_field!r} holds non-strings: give a list of words"
+        word_labels = []
+        for tag in tags:
+            if not isinstance(tag, (str, int)):
+                return f"tag {tag!r} in {source.tags_field!r} is not a string or an int"
+            index, why = self._label_index(tag, "tag")
+            if why:
+                return why
+            word_labels.append(index)
+        return {"text": " ".join(words), "words": words, "word_labels": word_labels}
 
     def _column_index(self, path: str, column: str | int, header: list[str] | None) -> int:
         if header is not None and column in header:
@@ -336,6 +451,47 @@ class _Records:
             self.bad(path, 1, "the file has a header but no rows" if header is not None else "the file has no rows")
 
 
+    def _conll(self, path: str, data: bytes) -> Iterator[dict[str, Any]]:
+        """Sentences of a CoNLL column file; a bad line skips (or fails) its whole sentence."""
+        sentences = 0
+        skipped_before = self.skipped
+        words: list[str] = []
+        tags: list[int] = []
+        bad = False
+        for number, offset, raw in [*self._lines(data), (0, 0, b"")]:
+            if not raw.strip() or raw.startswith(b"-DOCSTART-"):  # the end of a sentence
+                if words and not bad:
+                    sentences += 1
+                    yield {"text": " ".join(words), "words": words, "word_labels": tags}
+                words, tags, bad = [], [], False
+                continue
+            if bad or (not words and raw.split(None, 1)[0] == b"#"):  # a comment: "# sent_id = 1"
+                continue
+            line = self._decode(path, raw, number, offset)
+            token = None if line is None else self._conll_token(path, number, line)
+            if token is None:
+                bad = True
+                continue
+            words.append(token[0])
+            tags.append(token[1])
+        if sentences == 0 and self.skipped == skipped_before:
+            self.bad(path, 1, "the file has no sentences (token lines separated by blank lines)")
+
+    def _conll_token(self, path: str, number: int, line: str) -> tuple[str, int] | None:
+        """(word, tag index) of one token line, or None (reported) when the line is bad."""
+        cells = line.split()
+        word_column, tag_column = self.source.conll_columns
+        if not all(-len(cells) <= c < len(cells) for c in (word_column, tag_column)):
+            self.bad(path, number, f"{len(cells)} columns, data.conll_columns={list(self.source.conll_columns)} "
+                                   "asks for more")
+            return None
+        index, why = self._label_index(cells[tag_column], "tag")
+        if why:
+            self.bad(path, number, why)
+            return None
+        return cells[word_column], index
+
+
 # ----------------------------------------------------------------------------------------------------
 # The TFDS builder
 
@@ -348,6 +504,9 @@ def _features(source: LocalSource):
         features["text_b"] = tfds.features.Text()
     if source.has_labels:
         features["label"] = tfds.features.ClassLabel(names=list(source.labels))
+    if source.has_words:
+        features["words"] = tfds.features.Sequence(tfds.features.Text())
+        features["word_labels"] = tfds.features.Sequence(tfds.features.ClassLabel(names=list(source.labels)))
     return tfds.features.FeaturesDict(features)
 
 
@@ -434,15 +593,14 @@ def _check_splits(source: LocalSource | None, splits: Mapping[str, LocalSource] 
         out[split] = split_source
     if not out:
         raise ValueError("prepare: give a source, or splits")
+    def schema(s: LocalSource) -> tuple:
+        return s.has_pairs, s.has_labels, s.has_words, s.labels
+
     first_name, first = next(iter(out.items()))
     for split, split_source in out.items():
         if not isinstance(split_source, LocalSource):
             raise TypeError(f"split {split!r}: expected a LocalSource, got {type(split_source).__name__}")
-        if (split_source.has_pairs, split_source.has_labels, split_source.labels) != (
-            first.has_pairs,
-            first.has_labels,
-            first.labels,
-        ):
+        if schema(split_source) != schema(first):
             raise ValueError(
                 f"split {split!r} and split {first_name!r} give different record fields or labels: all splits of"
                 " a dataset share one schema"
@@ -554,16 +712,22 @@ class DecodedDataSource:
     def __len__(self) -> int:
         return len(self._source)
 
-    @staticmethod
-    def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
-        out = {}
-        for key, value in record.items():
-            if isinstance(value, bytes):
-                value = value.decode("utf-8")
-            elif isinstance(value, np.generic):
-                value = value.item()
-            out[key] = value
-        return out
+    @classmethod
+    def _plain(cls, value: Any) -> Any:
+        """bytes -> str, numpy scalars -> int/float, sequences and arrays -> lists of those."""
+        if isinstance(value, bytes):
+            return value.decode("utf-8")
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return [cls._plain(v) for v in value.tolist()]
+        if isinstance(value, (list, tuple)):
+            return [cls._plain(v) for v in value]
+        return value
+
+    @classmethod
+    def _decode(cls, record: Mapping[str, Any]) -> dict[str, Any]:
+        return {key: cls._plain(value) for key, value in record.items()}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)

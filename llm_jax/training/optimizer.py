@@ -1,15 +1,23 @@
-"""Learning-rate schedules (selected by `optimizer.schedule`) and the Optax clip + AdamW chain."""
+"""Learning-rate schedules (selected by `optimizer.schedule`), the Optax clip + AdamW chain, frozen
+parameters (`train.freeze`) and layer-wise learning-rate decay (`optimizer.layer_decay`)."""
 
 from __future__ import annotations
 
-from typing import Callable
+import re
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
+from llm_jax.config import ConfigError
 from llm_jax.registry import Registry
+
+# Top-level parameter collections of the task heads and of the input embeddings (model code imports these).
+HEAD_PARAMS = ("output_head", "mlm_head", "nsp_head", "classifier", "token_classifier", "crf")
+EMBEDDING_PARAMS = ("token_embedding", "position_embedding", "token_type_embedding", "embedding_norm")
 
 ScheduleBuilder = Callable[[ml_collections.ConfigDict, int], optax.Schedule]
 SCHEDULES: Registry[ScheduleBuilder] = Registry("learning-rate schedule")
@@ -73,12 +81,160 @@ def decay_mask(params: optax.Params) -> optax.Params:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def build_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                               optax.Schedule]:
-    """clip_by_global_norm (when grad_clip_norm > 0) then AdamW with the configured schedule."""
-    schedule = SCHEDULES.get(opt.schedule)(opt, total_steps)
+def param_path(key_path: Sequence[Any]) -> str:
+    """'block_0/mlp/up/kernel' for a jax key path (dict keys, attributes or sequence indices)."""
+    def name(entry: Any) -> str:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(entry, attribute):
+                return str(getattr(entry, attribute))
+        return str(entry)
+
+    return "/".join(name(entry) for entry in key_path)
+
+
+def _block_index(top: str) -> int | None:
+    match = re.fullmatch(r"block_(\d+)", top)
+    return int(match.group(1)) if match else None
+
+
+def _count_blocks(params: optax.Params) -> int:
+    indices = [_block_index(top) for top in params]
+    return max([i for i in indices if i is not None], default=-1) + 1
+
+
+def _freeze_matcher(item: str, num_layers: int) -> Callable[[str], bool]:
+    """Whether a "/"-joined parameter path is frozen by one `train.freeze` item."""
+    if item == "embeddings":
+        return lambda path: path.split("/")[0] in EMBEDDING_PARAMS
+    if item == "all_but_heads":
+        return lambda path: path.split("/")[0] not in HEAD_PARAMS
+    if item.startswith("layers:"):
+        try:
+            count = int(item[len("layers:"):])
+        except ValueError:
+            raise ConfigError(f"train.freeze item {item!r}: 'layers:K' needs an integer K (the first K blocks), "
+                              "e.g. 'layers:2'") from None
+        if num_layers > 0 and count > num_layers:
+            raise ConfigError(f"train.freeze item {item!r} asks for the first {count} blocks; the model has "
+                              f"{num_layers} (model.num_layers)")
+
+        def in_first_blocks(path: str) -> bool:
+            block = _block_index(path.split("/")[0])
+            return block is not None and block < count
+
+        return in_first_blocks
+    try:
+        pattern = re.compile(item)
+    except re.error as error:
+        raise ConfigError(f"train.freeze item {item!r} is neither 'embeddings', 'layers:K', 'all_but_heads' nor "
+                          f"a valid regex ({error})") from None
+    return lambda path: pattern.fullmatch(path) is not None
+
+
+def frozen_mask(params: optax.Params, freeze: Sequence[str], num_layers: int) -> optax.Params:
+    """A tree of bools shaped like `params` (True = frozen) from the `train.freeze` items; `params` may be
+    abstract (ShapeDtypeStructs). Every item must match some parameter, so a typo cannot go unnoticed."""
+    if isinstance(freeze, str):
+        freeze = (freeze,)
+    paths = [param_path(key_path) for key_path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    matchers = []
+    for item in freeze:
+        matcher = _freeze_matcher(item, num_layers)
+        if not any(matcher(path) for path in paths):
+            raise ConfigError(f"train.freeze item {item!r} matches no parameter; top-level parameters are "
+                              f"{', '.join(sorted(params))} (regexes match whole paths like 'block_0/mlp/up/kernel')")
+        matchers.append(matcher)
+    return jax.tree_util.tree_map_with_path(
+        lambda key_path, _: any(matcher(param_path(key_path)) for matcher in matchers), params)
+
+
+def _layer_scale(path: str, num_layers: int, decay: float) -> float:
+    top = path.split("/")[0]
+    block = _block_index(top)
+    if block is not None:
+        return decay ** (num_layers - block)
+    if top in EMBEDDING_PARAMS:
+        return decay ** (num_layers + 1)
+    return 1.0  # final_norm, pooler, heads
+
+
+def layer_scales(params: optax.Params, num_layers: int, decay: float) -> optax.Params:
+    """Learning-rate multiplier of every parameter: block i gets decay^(L-i), embeddings decay^(L+1), the final
+    norm, pooler and heads 1 (ELECTRA / BEiT layer-wise decay: lower layers move less when fine-tuning)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda key_path, _: _layer_scale(param_path(key_path), num_layers, decay), params)
+
+
+def scale_by_layer(num_layers: int, decay: float) -> optax.GradientTransformation:
+    """Multiplies each update by its layer scale (see `layer_scales`); stateless, and it reads the scale from
+    the parameter path, so it also works inside `optax.multi_transform` (whose masked leaves it skips)."""
+    def update(updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None):
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda key_path, u: u * jnp.asarray(_layer_scale(param_path(key_path), num_layers, decay), u.dtype),
+            updates)
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def trainable_grad_norm(grads: optax.Updates, frozen: optax.Params | None) -> jax.Array:
+    """Global norm of the gradients of trainable parameters (train/grad_norm): what clipping sees. `frozen` is
+    `frozen_mask`'s tree (None = nothing frozen); a mask passed into jit as an argument works too."""
+    if frozen is None:
+        return optax.tree.norm(grads)
+
+    def kept(g: jax.Array, is_frozen: Any) -> jax.Array | None:
+        if isinstance(is_frozen, (bool, np.bool_)):  # static mask: frozen leaves drop out of the sum
+            return None if is_frozen else g
+        return jnp.where(is_frozen, jnp.zeros_like(g), g)
+
+    return optax.tree.norm(jax.tree.map(kept, grads, frozen))
+
+
+def check_optimizer_config(opt: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for optimizer keys out of range."""
+    if not 0.0 < opt.layer_decay <= 1.0:
+        raise ConfigError(f"optimizer.layer_decay={opt.layer_decay} must be in (0, 1] (1 = off; fine-tuning "
+                          "usually uses 0.65-0.95)")
+
+
+def _adamw_chain(opt: ml_collections.ConfigDict, schedule: optax.Schedule,
+                 num_layers: int) -> optax.GradientTransformation:
     adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                         mask=decay_mask)
-    if opt.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw), schedule
-    return adamw, schedule
+    parts = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
+    parts.append(adamw)
+    if opt.layer_decay != 1.0:
+        parts.append(scale_by_layer(num_layers, opt.layer_decay))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
+
+
+def build_optimizer(opt: ml_collections.ConfigDict, total_steps: int, params: optax.Params | None = None,
+                    freeze: Sequence[str] = (), num_layers: int = 0) -> tuple[optax.GradientTransformation,
+                                                                              optax.Schedule]:
+    """clip_by_global_norm (when grad_clip_norm > 0), AdamW with the configured schedule, then the layer-wise
+    decay scale (when optimizer.layer_decay < 1), so block i's effective learning rate is lr * scale.
+
+    `params` (arrays or ShapeDtypeStructs; never materialised) is needed for `freeze` (train.freeze items, see
+    `frozen_mask`) and, when num_layers is 0, to count the blocks for layer decay. Frozen parameters go through
+    `optax.multi_transform` to `optax.set_to_zero`: their updates are exact zeros (bit-identical parameters),
+    and the clip + AdamW chain sees only trainable leaves (the others are `optax.MaskedNode`s), so the clipping
+    norm is that of the trainable gradients and Adam's moments are allocated for trainable parameters only
+    (set_to_zero keeps no state): frozen parameters cost no optimizer-state memory. Their gradients are
+    still computed by the backward pass. Mapping shardings over this state with `optax.tree_map_params` needs
+    `is_leaf=lambda v: isinstance(v, optax.MaskedNode)` and a function that returns MaskedNodes unchanged.
+    """
+    check_optimizer_config(opt)
+    if num_layers <= 0 and params is not None:
+        num_layers = _count_blocks(params)
+    if opt.layer_decay != 1.0 and num_layers <= 0:
+        raise ValueError("build_optimizer needs num_layers (or params) when optimizer.layer_decay != 1")
+    schedule = SCHEDULES.get(opt.schedule)(opt, total_steps)
+    tx = _adamw_chain(opt, schedule, num_layers)
+    if freeze:
+        if params is None:
+            raise ValueError("build_optimizer needs params (an abstract tree is enough) when train.freeze is set")
+        labels = jax.tree.map(lambda is_frozen: "frozen" if is_frozen else "trainable",
+                              frozen_mask(params, freeze, num_layers))
+        tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
