@@ -49,31 +49,16 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("act_vocab", "tensor"),
 )
 
+def _model_keys() -> dict[str, Key]:
+    """The `model` section: the config fields of the frozen ModelConfig, declared there once."""
+    from llm_jax.models.model_config import config_fields
+
+    return {field.name: Key(field.default, field.metadata["help"], field.metadata["registry"], field.metadata["type"])
+            for field in config_fields()}
+
+
 SCHEMA: dict[str, dict[str, Key]] = {
-    "model": {
-        "family": Key("decoder", "model family", "llm_jax.models.families:FAMILIES"),
-        "num_layers": Key(4, "Transformer blocks"),
-        "num_heads": Key(4, "query heads per attention layer"),
-        "num_kv_heads": Key(None, "key/value heads (grouped-query attention); None = num_heads", type=int),
-        "d_model": Key(128, "residual stream width"),
-        "d_ff": Key(None, "MLP hidden width; None = 4 * d_model", type=int),
-        "head_dim": Key(None, "width of one head; None = d_model // num_heads", type=int),
-        "vocab_size": Key(None, "vocabulary size; None = the tokenizer's", type=int),
-        "vocab_pad_multiple": Key(128, "embedding rows are padded to a multiple of this and of every mesh axis"),
-        "max_len": Key(64, "longest sequence the model accepts (positions table, sliding window in generate)"),
-        "positional": Key("learned", "position encoding", "llm_jax.models.positions:POSITIONALS"),
-        "rope_base": Key(10000.0, "rotary base frequency (positional=rope)"),
-        "norm": Key("layernorm", "normalisation layer (pre-LN)", "llm_jax.models.norms:NORMS"),
-        "norm_eps": Key(1e-5, "epsilon of the norm layers"),
-        "activation": Key("gelu", "MLP activation", "llm_jax.models.mlp:ACTIVATIONS"),
-        "mlp": Key("standard", "MLP kind (gated = GLU variants)", "llm_jax.models.mlp:MLPS"),
-        "use_bias": Key(False, "biases in dense layers and norms"),
-        "dropout": Key(0.0, "dropout rate on embeddings, attention output and MLP output"),
-        "tie_embeddings": Key(True, "output projection shares the token embedding"),
-        "init_std": Key(0.02, "stddev of the normal init; residual projections use init_std / sqrt(2 * num_layers)"),
-        "dtype": Key("float32", "compute dtype (bfloat16 for mixed precision on accelerators)"),
-        "param_dtype": Key("float32", "parameter and optimizer-state dtype"),
-    },
+    "model": _model_keys(),
     "data": {
         "pipeline": Key("grain", "input pipeline: grain (documents shuffled per epoch, tokenized, packed, sharded "
                                  "by process) or windows (nanoGPT random windows of one token stream)",
@@ -82,6 +67,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "path": Key("", "files or globs (comma-separated) of the train split for source=text_file|jsonl|tsv"),
         "eval_path": Key("", "files or globs of the evaluation split (data.eval_split); empty = hold out the last "
                              "data.validation_fraction of the train records"),
+        "test_path": Key("", "files or globs of a held-out test split, read as split 'test' and evaluated only when "
+                             "asked (python -m llm_jax.evaluate --split=test): never trained or tuned on"),
         "split_by": Key("blank_line", "text_file documents: blank_line (paragraphs), line, or file (one per file)"),
         "text_field": Key("", "record field holding the text: the JSONL field (empty = 'text'); for TFDS catalog "
                               "datasets empty = the first known text feature"),
@@ -97,8 +84,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "skip_bad_records": Key(False, "skip (and count in data/skipped_records) bad input records instead of failing"),
         "mixture": Key((), "pretraining mixture: dicts of source keys (source, path, tfds_name, ...) with a 'weight'; "
                            "train documents are sampled from them by weight, evaluation uses the top-level source"),
-        "objective": Key("causal_lm", "turns tokenized documents into model inputs, targets and loss weights",
-                         "llm_jax.data.objectives:OBJECTIVES"),
+        "objective": Key("causal_lm", "the training task: its rows, batch keys, loss and metrics",
+                         "llm_jax.tasks:TASKS"),
+        "label_field": Key("", "JSONL field holding a record's label (classification; one of data.labels)"),
+        "text_b_field": Key("", "JSONL field holding the second text of a pair (classification)"),
+        "words_field": Key("words", "JSONL field with a record's words (token classification)"),
+        "tags_field": Key("tags", "JSONL field with one tag per word (token classification; each in data.labels)"),
+        "conll_columns": Key((0, -1), "CoNLL source: the (word, tag) column indices of each line"),
+        "mlm_probability": Key(0.15, "masked_lm: share of tokens selected for prediction (80% mask, 10% random, "
+                                     "10% unchanged)"),
+        "whole_word_masking": Key(False, "masked_lm: select whole words (a token starting with a word boundary "
+                                         "and its continuation pieces) instead of single tokens"),
+        "sentence_task": Key("nsp", "masked_lm: second objective on sentence pairs: nsp (next sentence), sop "
+                                    "(sentence order) or none (single segments)"),
         "packing": Key("concat_split", "how documents fill rows of seq_len tokens", "llm_jax.data.packing:PACKINGS"),
         "packing_bins": Key(16, "open rows of first_fit packing"),
         "separate_documents": Key(True, "packed rows carry segment ids and positions: no attention or targets across "
@@ -112,6 +110,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                   "tokenizer=sentencepiece (then no training)"),
         "tokenizer_vocab_size": Key(8192, "vocabulary size of a tokenizer trained on the text "
                                           "(tokenizer=sentencepiece without tokenizer_path)"),
+        "lowercase": Key(True, "tokenizer=wordpiece: lowercase and strip accents first (uncased BERT vocabularies)"),
         "sentencepiece_model_type": Key("unigram", "SentencePiece training algorithm: unigram or bpe"),
         "tokenizer_max_chars": Key(50_000_000, "characters of the train split a tokenizer is trained on"),
         "seq_len": Key(64, "tokens per training example (<= model.max_len)"),
@@ -130,6 +129,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "keep_checkpoints": Key(2, "checkpoints kept on disk"),
         "steps_per_dispatch": Key(20, "optimizer steps fused into one device call (lax.scan)"),
         "peak_flops_per_device": Key(None, "peak FLOP/s of one device for train/mfu; None = known table", type=float),
+        "init_from": Key("", "work directory (a run, or an import by llm_jax.convert) whose weights start this run; "
+                             "parameters the task adds (new heads) are freshly initialised"),
+        "freeze": Key((), "parameters kept fixed: 'embeddings', 'layers:K' (the first K blocks), 'all_but_heads', "
+                          "or path regexes like 'block_0/.*'"),
     },
     "optimizer": {
         "learning_rate": Key(1e-3, "peak learning rate"),
@@ -143,6 +146,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "eps": Key(1e-8, "Adam epsilon"),
         "grad_clip_norm": Key(1.0, "global-norm gradient clipping (0 = off)"),
         "grad_accum_steps": Key(1, "micro-batches accumulated into one update"),
+        "layer_decay": Key(1.0, "layer-wise learning-rate decay: block i of L gets learning_rate * layer_decay^(L-i), "
+                                "embeddings layer_decay^(L+1), heads 1 (1 = off)"),
     },
     "mesh": {
         "data": Key(-1, "data-parallel axis size (-1 = the remaining devices)"),

@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 
 from llm_jax.cli import quiet_library_logs, run_reporting_errors
-from llm_jax.decoding.sampling import SamplingConfig, sample
+from llm_jax.decoding.sampling import SamplingConfig, lm_logits, sample
 from llm_jax.training.checkpoint import Checkpointer
 from llm_jax.training.run import build_saved_run
 
@@ -34,7 +34,7 @@ def generate_text(workdir: str, prompt: str, sampling: SamplingConfig) -> str:
             state, _ = checkpointer.restore(None, run.abstract_state)
             logging.info("sampling from step %d of %s", int(state.step), workdir)
             prompt_ids = [int(i) for i in run.tokenizer.encode(prompt)]
-            tokens = sample(run.model.apply, state.params, prompt_ids, max_len=run.model_config.max_len,
+            tokens = sample(lm_logits(run.model), state.params, prompt_ids, max_len=run.model_config.max_len,
                             vocab_size=run.model_config.vocab_size, sampling=sampling)
     finally:
         checkpointer.close()

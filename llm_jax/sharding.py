@@ -32,10 +32,17 @@ def logical_sharding(mesh: Mesh, rules: Rules, logical_axes: Sequence[str | None
     return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(logical_axes), rules))
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, *, stacked: bool) -> NamedSharding:
-    """Sharding of a [batch, seq] array, or of a [steps, batch, seq] stack of them."""
-    axes = (None, "batch", None) if stacked else ("batch", None)
-    return logical_sharding(mesh, rules, axes)
+def batch_sharding(mesh: Mesh, rules: Rules, *, stacked: bool, axes: Sequence[str | None] = (None,)) -> NamedSharding:
+    """Sharding of a [batch, *rest] array whose other dimensions have the logical `axes`, or of a
+    [steps, batch, *rest] stack of them."""
+    logical = ("batch", *axes)
+    return logical_sharding(mesh, rules, (None, *logical) if stacked else logical)
+
+
+def batch_shardings(mesh: Mesh, rules: Rules, spec: dict[str, Any], *, stacked: bool) -> dict[str, NamedSharding]:
+    """One sharding per key of a task's batch spec (`llm_jax.tasks.base.Field`): a [batch] label array and a
+    [batch, seq] token array are split along the batch the same way."""
+    return {key: batch_sharding(mesh, rules, stacked=stacked, axes=field.axes) for key, field in spec.items()}
 
 
 def process_batch_rows(mesh: Mesh, rules: Rules, global_batch_size: int) -> tuple[int, int]:
@@ -44,10 +51,10 @@ def process_batch_rows(mesh: Mesh, rules: Rules, global_batch_size: int) -> tupl
     With the batch split over data/fsdp, each process holds a contiguous block; where the batch is
     replicated (e.g. a pure tensor-parallel mesh) every process holds all rows.
     """
-    sharding = batch_sharding(mesh, rules, stacked=False)
-    index_map = sharding.addressable_devices_indices_map((global_batch_size, 1))
+    sharding = batch_sharding(mesh, rules, stacked=False, axes=())
+    index_map = sharding.addressable_devices_indices_map((global_batch_size,))
     blocks = sorted({(rows.start or 0, global_batch_size if rows.stop is None else rows.stop)
-                     for rows, _ in index_map.values()})
+                     for rows, *_ in index_map.values()})
     start, stop = blocks[0][0], blocks[-1][1]
     covered = sum(block_stop - block_start for block_start, block_stop in blocks)
     if covered != stop - start:
@@ -56,15 +63,17 @@ def process_batch_rows(mesh: Mesh, rules: Rules, global_batch_size: int) -> tupl
     return start, stop
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_axis: int,
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding | dict[str, NamedSharding], batch_axis: int,
                  global_batch_size: int) -> dict[str, jax.Array]:
-    """Assembles each process's rows (see process_batch_rows) into one global jax.Array per key."""
-    def assemble(array: np.ndarray) -> jax.Array:
+    """Assembles each process's rows (see process_batch_rows) into one global jax.Array per key; `sharding` is
+    one for every key or one per key (`batch_shardings`)."""
+    def assemble(key: str, array: np.ndarray) -> jax.Array:
         shape = list(array.shape)
         shape[batch_axis] = global_batch_size
-        return jax.make_array_from_process_local_data(sharding, array, tuple(shape))
+        key_sharding = sharding[key] if isinstance(sharding, dict) else sharding
+        return jax.make_array_from_process_local_data(key_sharding, array, tuple(shape))
 
-    return {key: assemble(value) for key, value in local.items()}
+    return {key: assemble(key, value) for key, value in local.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -38,7 +38,7 @@ def _apply_with_embedding_offset(model, params, tokens_BT, offset_BTD):
         return out
 
     with nn.intercept_methods(add_offset):
-        return model.apply({"params": params}, tokens_BT)
+        return model.apply({"params": params}, tokens_BT).heads["lm"]
 
 
 @pytest.mark.parametrize("changes", [
@@ -67,7 +67,7 @@ def test_padded_vocabulary_rows_get_zero_probability():
     tokens_BT = jnp.zeros((1, 8), jnp.int32)
     params = _init(model, tokens_BT)
     assert params["token_embedding"]["embedding"].shape[0] == 128
-    probs_BTV = jax.nn.softmax(model.apply({"params": params}, tokens_BT))
+    probs_BTV = jax.nn.softmax(model.apply({"params": params}, tokens_BT).heads["lm"])
     assert np.all(np.asarray(probs_BTV[..., VOCAB:]) == 0.0)
     np.testing.assert_allclose(np.asarray(probs_BTV[..., :VOCAB].sum(-1)), 1.0, rtol=1e-5)
 
@@ -106,7 +106,7 @@ def test_hand_written_norm_gradient_matches_autodiff(center):
 
 
 def test_positions_restart_per_segment_when_only_segment_ids_are_given():
-    from llm_jax.models.decoder import positions_from_segments
+    from llm_jax.models.stack import positions_from_segments
 
     segments_BT = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(positions_from_segments(segments_BT, (2, 8)),
@@ -114,6 +114,6 @@ def test_positions_restart_per_segment_when_only_segment_ids_are_given():
     model = tiny_model(positional="learned")
     tokens_BT = jax.random.randint(jax.random.key(3), (1, 8), 0, VOCAB)
     params = _init(model, tokens_BT)
-    packed = model.apply({"params": params}, tokens_BT, None, segments_BT[:1])
-    alone = model.apply({"params": params}, tokens_BT[:, 3:5])
+    packed = model.apply({"params": params}, tokens_BT, None, segments_BT[:1]).heads["lm"]
+    alone = model.apply({"params": params}, tokens_BT[:, 3:5]).heads["lm"]
     np.testing.assert_allclose(packed[:, 3:5], alone, rtol=1e-5, atol=1e-5)

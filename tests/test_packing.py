@@ -11,6 +11,7 @@ import pytest
 
 from llm_jax import config as config_lib
 from llm_jax.data import packing
+from llm_jax.decoding.sampling import lm_logits
 from llm_jax.models.families import build_model
 from llm_jax.models.model_config import build_model_config
 
@@ -276,7 +277,7 @@ def test_packed_row_logits_equal_each_example_alone(positional):
     seq_len = 32
     model = _tiny_model(positional)
     params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"])
-    apply = jax.jit(model.apply)
+    apply = jax.jit(lm_logits(model))
 
     examples = [packing.lm_example(doc, EOS) for doc in _docs(4, 10, 14)]
     rows = list(packing.first_fit_pack(examples, seq_len, max_pending=2))
@@ -318,7 +319,8 @@ def test_without_segments_a_packed_row_leaks_across_examples():
     params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"])
     rows = list(packing.first_fit_pack([_ex(10, 1), _ex(10, 20)], seq_len))
     row = rows[0]
-    logits = model.apply({"params": params}, jnp.asarray(row["inputs"][None]), jnp.asarray(row["positions"][None]))
-    alone = model.apply({"params": params}, jnp.asarray(row["inputs"][row["segment_ids"] == 2][None]))
+    logits = model.apply({"params": params}, jnp.asarray(row["inputs"][None]),
+                         jnp.asarray(row["positions"][None])).heads["lm"]
+    alone = model.apply({"params": params}, jnp.asarray(row["inputs"][row["segment_ids"] == 2][None])).heads["lm"]
     assert not np.allclose(np.asarray(logits[0][row["segment_ids"] == 2][:, :VOCAB]),
                            np.asarray(alone[0, :, :VOCAB]), atol=1e-4)

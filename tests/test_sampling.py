@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax.decoding.sampling import SamplingConfig, filter_logits, sample
+from llm_jax.decoding.sampling import SamplingConfig, filter_logits, lm_logits, sample
 from llm_jax.models.families import build_model
 from llm_jax.models.model_config import build_model_config
 
@@ -96,7 +96,7 @@ def model_and_params():
 
 def _sample(model_and_params, prompt, **sampling):
     model, params = model_and_params
-    return sample(model.apply, params, prompt, max_len=MAX_LEN, vocab_size=VOCAB,
+    return sample(lm_logits(model), params, prompt, max_len=MAX_LEN, vocab_size=VOCAB,
                   sampling=SamplingConfig(**sampling))
 
 
@@ -107,7 +107,7 @@ def greedy_by_hand(model_and_params):
     Windows are padded to MAX_LEN (one compiled shape) with random filler, unlike the sampler's zeros: a causal
     model's logits at the context's end cannot depend on what follows it."""
     model, params = model_and_params
-    apply = jax.jit(model.apply)
+    apply = jax.jit(lm_logits(model))
     filler = np.random.default_rng(1).integers(0, VOCAB, size=MAX_LEN)
 
     def greedy(prompt, steps):

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from llm_jax import config as config_lib
 from llm_jax.sharding import batch_sharding, global_batch
 from llm_jax.training.run import build_run
+from llm_jax.training.run import model_inputs_fn
 from llm_jax.training.state import init_state
 from llm_jax.training.steps import make_train_step
 
@@ -33,8 +34,8 @@ def _config(text_path, use_bias=False, **mesh):
 def _one_step(config, workdir, devices):
     run = build_run(config, str(workdir), devices=devices)
     with jax.set_mesh(run.mesh), run.rules_context():
-        state = init_state(run.model, run.tx, config.data.seq_len, 0, run.shardings)
-        step = jax.jit(make_train_step(run.model, run.tx, run.schedule, 1, use_dropout=False),
+        state = init_state(run.model, run.tx, model_inputs_fn(run.task), 0, run.shardings)
+        step = jax.jit(make_train_step(run.model, run.task, run.tx, run.schedule, 1, use_dropout=False),
                        in_shardings=(run.shardings, batch_sharding(run.mesh, run.rules, stacked=False)),
                        out_shardings=(run.shardings, None))
         local = {k: v[0] for k, v in run.data.train.next_chunk(1).items()}

@@ -11,6 +11,7 @@ from llm_jax import config as config_lib
 from llm_jax.models.families import build_model
 from llm_jax.sharding import batch_sharding
 from llm_jax.training.run import build_run
+from llm_jax.training.run import model_inputs_fn
 from llm_jax.training.state import init_state
 from llm_jax.training.steps import _split_micro_batches, make_train_chunk, make_train_step
 
@@ -39,7 +40,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def state(run):
     with jax.set_mesh(run.mesh), run.rules_context():
-        return init_state(run.model, run.tx, SEQ_LEN, 0, run.shardings)
+        return init_state(run.model, run.tx, model_inputs_fn(run.task), 0, run.shardings)
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +65,12 @@ def _call(run, jitted, state, batch):
 @pytest.fixture(scope="module")
 def step(run):
     """The jitted plain train step (grad_accum_steps=1, no dropout)."""
-    return _jit(run, make_train_step(run.model, run.tx, run.schedule, 1, use_dropout=False))
+    return _jit(run, make_train_step(run.model, run.task, run.tx, run.schedule, 1, use_dropout=False))
 
 
 @pytest.fixture(scope="module")
 def step_accum4(run):
-    return _jit(run, make_train_step(run.model, run.tx, run.schedule, 4, use_dropout=False))
+    return _jit(run, make_train_step(run.model, run.task, run.tx, run.schedule, 4, use_dropout=False))
 
 
 def _batch(batches, i):
@@ -139,7 +140,7 @@ def test_grad_accumulation_equals_the_full_batch_step(run, batches, step, step_a
 
 @pytest.fixture(scope="module")
 def chunk_result(run, state, batches, step):
-    train_step = make_train_step(run.model, run.tx, run.schedule, 1, use_dropout=False)
+    train_step = make_train_step(run.model, run.task, run.tx, run.schedule, 1, use_dropout=False)
     return _call(run, _jit(run, make_train_chunk(train_step), stacked=True), state, batches)
 
 
@@ -165,7 +166,7 @@ def test_scanned_chunk_equals_separate_steps(run, state, batches, step, chunk_re
 @pytest.fixture(scope="module")
 def dropout_step(run):
     model = build_model(run.model_config.replace(dropout=0.3))
-    return _jit(run, make_train_step(model, run.tx, run.schedule, 1, use_dropout=True))
+    return _jit(run, make_train_step(model, run.task, run.tx, run.schedule, 1, use_dropout=True))
 
 
 def test_dropout_is_deterministic_per_state_and_step(run, state, batches, dropout_step):

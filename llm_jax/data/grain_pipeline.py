@@ -1,5 +1,5 @@
-"""The Grain input pipeline: records -> per-process shard -> per-epoch shuffle -> tokens -> objective rows
-(packed) -> local batches, optionally in worker processes.
+"""The Grain input pipeline: records -> per-process shard -> per-epoch shuffle -> the task's rows (tokenized,
+packed or masked) -> local batches, optionally in worker processes.
 
 Each process reads the shard of the records that matches the block of the global batch its devices hold
 (`Shard.from_rows`), so processes that hold the same rows (a replicated batch under tensor parallelism)
@@ -19,10 +19,10 @@ import ml_collections
 import numpy as np
 
 from llm_jax.config import ConfigError
-from llm_jax.data.objectives import OBJECTIVES
 from llm_jax.data.packing import stack_rows
 from llm_jax.data.sources import Record
-from llm_jax.data.tokenizers import Tokenizer, special_ids
+from llm_jax.data.tokenizers import Tokenizer
+from llm_jax.tasks.base import AddDocument, RowContext, Task
 
 Batch = dict[str, np.ndarray]
 
@@ -53,20 +53,6 @@ class Documents:
     weight: float = 1.0
 
 
-class Tokenize(grain.transforms.Map):
-    """A record -> {"tokens": int32 ids of its text, eos appended when the tokenizer has one}."""
-
-    def __init__(self, tokenizer: Tokenizer, text_of: Callable[[Record], str]):
-        self.tokenizer, self.text_of = tokenizer, text_of
-        self.eos_id = special_ids(tokenizer).get("eos")
-
-    def map(self, record: Record) -> dict[str, np.ndarray]:
-        tokens = self.tokenizer.encode(self.text_of(record)).astype(np.int32)
-        if self.eos_id is not None:
-            tokens = np.append(tokens, np.int32(self.eos_id))
-        return {"tokens": tokens}
-
-
 def read_options(data: ml_collections.ConfigDict) -> grain.ReadOptions:
     """Grain's read-ahead: data.read_threads threads, each about 32 records ahead (none by default: on a small
     CPU host the threads cost more than they hide, and the device computes while the host prepares anyway)."""
@@ -81,21 +67,24 @@ def _shard(documents: Documents, shard: Shard, what: str) -> grain.MapDataset:
     return records
 
 
+def _context(tokenizer: Tokenizer, data: ml_collections.ConfigDict, training: bool) -> RowContext:
+    return RowContext(tokenizer, data, read_options(data), training)
+
+
 def train_batches(components: Sequence[Documents], tokenizer: Tokenizer, data: ml_collections.ConfigDict,
-                  shard: Shard, local_batch: int) -> grain.IterDataset:
-    """Endless training batches of this shard: documents reshuffled every epoch (and mixed by weight)."""
-    tokenized = []
+                  shard: Shard, local_batch: int, task: Task) -> grain.IterDataset:
+    """Endless training batches of this shard: documents reshuffled every epoch (and mixed by weight), turned
+    into rows by the task (`llm_jax.tasks.base.Task.rows`)."""
+    shuffled = []
     for index, documents in enumerate(components):
         records = _shard(documents, shard, "the training split" if len(components) == 1 else
                          f"data.mixture[{index}]")
-        tokenized.append(records.shuffle(seed=data.seed + index).repeat().map(Tokenize(tokenizer, documents.text_of)))
-    if len(tokenized) == 1:
-        mixed = tokenized[0]
+        shuffled.append(records.shuffle(seed=data.seed + index).repeat().map(AddDocument(documents.text_of)))
+    if len(shuffled) == 1:
+        mixed = shuffled[0]
     else:
-        mixed = grain.MapDataset.mix(tokenized, [documents.weight for documents in components])
-    rows = OBJECTIVES.get(data.objective)(mixed.to_iter_dataset(read_options(data)), data,
-                                          special_ids(tokenizer))
-    batches = rows.batch(local_batch, drop_remainder=True)
+        mixed = grain.MapDataset.mix(shuffled, [documents.weight for documents in components])
+    batches = task.rows(mixed, _context(tokenizer, data, training=True)).batch(local_batch, drop_remainder=True)
     if data.num_workers:
         from absl import flags
 
@@ -106,12 +95,10 @@ def train_batches(components: Sequence[Documents], tokenizer: Tokenizer, data: m
 
 
 def eval_rows(documents: Documents, tokenizer: Tokenizer, data: ml_collections.ConfigDict,
-              shard: Shard) -> grain.IterDataset:
+              shard: Shard, task: Task) -> grain.IterDataset:
     """Every row of this shard of an evaluation split, in order (no shuffle, one pass)."""
-    records = _shard(documents, shard, "the evaluation split")
-    tokenized = records.map(Tokenize(tokenizer, documents.text_of))
-    return OBJECTIVES.get(data.objective)(tokenized.to_iter_dataset(read_options(data)), data,
-                                          special_ids(tokenizer))
+    records = _shard(documents, shard, "the evaluation split").map(AddDocument(documents.text_of))
+    return task.rows(records, _context(tokenizer, data, training=False))
 
 
 def padded_batches(rows: Iterator[Batch], local_batch: int, num_batches: int) -> Iterator[Batch]:

@@ -1,27 +1,30 @@
-"""Training objectives as pipeline hooks: tokenized documents in, model examples out.
+"""Row makers of the language-modelling objectives, used by the tasks in `llm_jax.tasks`.
 
-An objective is called with a Grain IterDataset of tokenized documents ({"tokens": int32 [n]}, eos appended
-when the tokenizer has one) and returns an IterDataset of rows with "inputs", "targets" and "weights"
-([seq_len] each) plus whatever else its model family reads ("segment_ids", "positions"). Masked LM and span
-corruption register here beside the causal LM, packing with `data.packing` the same way.
+`Tokenize` turns a record's document into {"tokens": int32 ids, eos appended when the tokenizer has one};
+`NextTokenRows` turns a packed row of seq_len + 1 tokens into next-token inputs, targets and weights.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
-import ml_collections
+import grain
 import numpy as np
 
-from llm_jax.data.packing import PACKINGS
-from llm_jax.registry import Registry
+from llm_jax.data.sources import Record
+from llm_jax.data.tokenizers import Tokenizer, special_ids
 
 
-class Objective(Protocol):
-    def __call__(self, documents: Any, data: ml_collections.ConfigDict, special_ids: dict[str, int]) -> Any: ...
+class Tokenize(grain.transforms.Map):
+    """A record -> {"tokens": int32 ids of its "document", eos appended when the tokenizer has one}."""
 
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_id = special_ids(tokenizer).get("eos")
 
-OBJECTIVES: Registry[Objective] = Registry("objective")
+    def map(self, record: Record) -> dict[str, np.ndarray]:
+        tokens = self.tokenizer.encode(record["document"]).astype(np.int32)
+        if self.eos_id is not None:
+            tokens = np.append(tokens, np.int32(self.eos_id))
+        return {"tokens": tokens}
 
 
 class NextTokenRows:
@@ -42,10 +45,3 @@ class NextTokenRows:
         else:
             example["weights"] = (segments[1:] > 0).astype(np.float32)  # only padding is masked
         return example
-
-
-@OBJECTIVES.register("causal_lm")
-def causal_lm(documents: Any, data: ml_collections.ConfigDict, special_ids: dict[str, int]) -> Any:
-    """GPT-style next-token prediction over documents packed into rows of seq_len + 1 tokens."""
-    rows = PACKINGS.get(data.packing)(documents, data.seq_len + 1, data)
-    return rows.map(NextTokenRows(data.separate_documents))

@@ -24,6 +24,7 @@ from llm_jax.data import grain_pipeline, lm_batches
 from llm_jax.data.sources import SourceSplits, source_splits
 from llm_jax.data.tokenizers import TOKENIZER_FILE, TOKENIZERS, Tokenizer, load_tokenizer
 from llm_jax.registry import Registry
+from llm_jax.tasks import build_task
 
 
 class TrainStream(Protocol):
@@ -108,6 +109,7 @@ def tokenizer_text(components: list[grain_pipeline.Documents], max_chars: int) -
 def build_grain_data(config: ml_collections.ConfigDict, rows: tuple[int, int],
                      tokenizer_dir: str | None) -> LMData:
     data, global_batch = config.data, config.train.batch_size
+    task = build_task(config)
     source = source_splits(data)
     splits = _split_documents(source, data)
     skipped = source.skipped_records
@@ -120,13 +122,14 @@ def build_grain_data(config: ml_collections.ConfigDict, rows: tuple[int, int],
             components.append(_split_documents(part, data, float(component["weight"]))[data.train_split])
     tokenizer = _tokenizer_for(config, lambda: tokenizer_text(components, data.tokenizer_max_chars), tokenizer_dir)
     shard, local_batch = grain_pipeline.Shard.from_rows(rows, global_batch), rows[1] - rows[0]
-    train = grain_pipeline.BatchStream(grain_pipeline.train_batches(components, tokenizer, data, shard, local_batch))
+    train = grain_pipeline.BatchStream(grain_pipeline.train_batches(components, tokenizer, data, shard, local_batch,
+                                                                             task))
 
     @functools.cache
     def rows_of(split: str) -> grain.IterDataset:
         if split not in splits:
             raise ValueError(f"unknown split {split!r}; data.source={data.source!r} has {', '.join(sorted(splits))}")
-        return grain_pipeline.eval_rows(splits[split], tokenizer, data, shard)
+        return grain_pipeline.eval_rows(splits[split], tokenizer, data, shard, task)
 
     @functools.cache
     def whole_split_batches(split: str) -> int:

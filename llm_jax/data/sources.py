@@ -1,9 +1,12 @@
 """Document sources, selected by `data.source`: each gives the records of every split it has.
 
-A record is a dict with "text" (plus "text_b" / "label" for TSV pairs and labels). Local files and the
-embedded Python documentation are prepared once as TFDS array_record datasets under `data.tfds_data_dir`
-(`llm_jax.data.tfds_sources`); catalog datasets are read from there with `tfds.data_source`
-(`llm_jax.data.tfds_catalog`). Reading never needs TensorFlow.
+A record is a dict with "text", plus "text_b" (sentence pairs) and "label" (an index into data.labels)
+for classification files (TSV, or JSONL with data.label_field / data.text_b_field), and "words" (list[str])
+with "word_labels" (list[int], indices into data.labels) for token labeling (data.source=conll, or JSONL
+when data.labels is set and data.label_field is empty); `SourceSplits.text_of` is always the text, the tasks
+read the other fields directly. Local files and the embedded Python documentation are prepared once as
+TFDS array_record datasets under `data.tfds_data_dir` (`llm_jax.data.tfds_sources`); catalog datasets are
+read from there with `tfds.data_source` (`llm_jax.data.tfds_catalog`). Reading never needs TensorFlow.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from llm_jax.config import ConfigError
 from llm_jax.registry import Registry
 
 Record = dict[str, Any]
+TEST_SPLIT = "test"  # the split data.test_path is read as (evaluate --split=test)
 RecordSource = Sequence[Record]  # random access: len() and [i]
 
 
@@ -73,6 +77,11 @@ def prepare_local(data: ml_collections.ConfigDict, make_source: Callable[[tuple[
         if data.eval_split == data.train_split:
             raise ConfigError(f"data.eval_split={data.eval_split!r} is also data.train_split: name them differently")
         splits[data.eval_split] = make_source(_paths(data.eval_path, "data.eval_path"))
+    if data.test_path:
+        if TEST_SPLIT in (data.train_split, data.eval_split):
+            raise ConfigError(f"data.test_path is read as the split {TEST_SPLIT!r}, which is also data.train_split or "
+                              "data.eval_split: name those differently")
+        splits[TEST_SPLIT] = make_source(_paths(data.test_path, "data.test_path"))
     name = name or _dataset_name(data.source, splits[data.train_split].paths)
     try:
         builder = tfds_sources.prepare(None, tfds_data_dir(data), splits=splits, name=name,
@@ -98,12 +107,43 @@ def text_files(data: ml_collections.ConfigDict) -> SourceSplits:
     return prepare_local(data, lambda paths: LocalSource("text", paths, split_by=data.split_by))
 
 
-@SOURCES.register("jsonl")
-def jsonl_files(data: ml_collections.ConfigDict) -> SourceSplits:
-    """JSON-lines files at data.path; each object's data.text_field (default "text") is one document."""
+def _labels(data: ml_collections.ConfigDict, why: str) -> tuple[str, ...]:
+    """data.labels as distinct strings; a ConfigError saying what needs them when there are none."""
+    labels = tuple(str(label) for label in data.labels)
+    if not labels:
+        raise ConfigError(f"data.labels is empty: {why} needs the list of allowed labels, "
+                          "e.g. --config.data.labels='(\"O\", \"B-PER\", \"I-PER\")'")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"data.labels={labels!r} repeats a label: give each label once")
+    return labels
+
+
+def _jsonl_source(data: ml_collections.ConfigDict, paths: tuple[str, ...]) -> LocalSource:
+    """The JSONL LocalSource the config asks for: classification when data.label_field is set, token labeling
+    when data.labels is set without data.label_field, else plain text (optionally pairs)."""
     from llm_jax.data.tfds_sources import LocalSource
 
-    return prepare_local(data, lambda paths: LocalSource("jsonl", paths, text_field=data.text_field or "text"))
+    text_field, text_b_field = data.text_field or "text", data.text_b_field or None
+    if data.label_field:
+        return LocalSource("jsonl", paths, text_field=text_field, text_b_field=text_b_field,
+                           label_field=data.label_field, labels=_labels(data, "data.label_field"))
+    if not data.labels:
+        return LocalSource("jsonl", paths, text_field=text_field, text_b_field=text_b_field)
+    if text_b_field or not data.words_field or not data.tags_field:
+        raise ConfigError("data.labels without data.label_field makes data.source=jsonl a token-labeling source: "
+                          "it needs data.words_field and data.tags_field and no data.text_b_field (set "
+                          "data.label_field for sentence classification)")
+    return LocalSource("jsonl", paths, words_field=data.words_field, tags_field=data.tags_field,
+                       labels=_labels(data, "token labeling"))
+
+
+@SOURCES.register("jsonl")
+def jsonl_files(data: ml_collections.ConfigDict) -> SourceSplits:
+    """JSON-lines files at data.path: each object's data.text_field (default "text") is one document; with
+    data.label_field (and data.labels) also a "label", with data.text_b_field a "text_b"; with data.labels
+    but no data.label_field, token labeling: data.words_field and data.tags_field give "words" and
+    "word_labels" (and "text" is the words joined by spaces)."""
+    return prepare_local(data, lambda paths: _jsonl_source(data, paths))
 
 
 @SOURCES.register("tsv")
@@ -117,6 +157,41 @@ def tsv_files(data: ml_collections.ConfigDict) -> SourceSplits:
                            has_header=data.has_header)
 
     return prepare_local(data, make)
+
+
+@SOURCES.register("conll")
+def conll_files(data: ml_collections.ConfigDict) -> SourceSplits:
+    """CoNLL-style column files at data.path for token labeling: one token per line, whitespace-separated
+    columns, data.conll_columns = (word, tag) indices, every tag one of data.labels, a blank line after
+    each sentence; "-DOCSTART-" lines and comment lines before a sentence (first column "#") are skipped. Records:
+    {"words", "word_labels", "text" (the words joined by spaces)}."""
+    from llm_jax.data.tfds_sources import LocalSource
+
+    columns = tuple(data.conll_columns)
+    if len(columns) != 2 or not all(isinstance(c, int) and not isinstance(c, bool) for c in columns):
+        raise ConfigError(f"data.conll_columns={columns!r}: give the (word, tag) column indices as two ints, "
+                          "e.g. (0, -1); negative ones count from the end of the line")
+    labels = _labels(data, "data.source=conll")
+    return prepare_local(data, lambda paths: LocalSource("conll", paths, conll_columns=columns, labels=labels))
+
+
+@SOURCES.register("punctuation")
+def punctuation_restoration(data: ml_collections.ConfigDict) -> SourceSplits:
+    """Token labelling derived from the text files at data.path / eval_path / test_path: each word tagged with
+    the punctuation mark that follows it (`llm_jax.data.punctuation`), written once as CoNLL under the data
+    directory and read like data.source=conll; data.labels must be punctuation.PUNCTUATION_LABELS."""
+    from llm_jax.data import punctuation
+
+    if tuple(data.labels) != punctuation.PUNCTUATION_LABELS:
+        raise ConfigError(f"data.source=punctuation tags words with {punctuation.PUNCTUATION_LABELS}: set data.labels "
+                          f"to that tuple (got {tuple(data.labels)})")
+    directory = os.path.join(tfds_data_dir(data), "punctuation_source")
+    local = data.copy_and_resolve_references()
+    for key in ("path", "eval_path", "test_path"):
+        if data[key]:
+            local[key] = ",".join(punctuation.derive_conll(path, directory) for path in _paths(data[key], f"data.{key}"))
+    local.conll_columns = (0, 1)
+    return conll_files(local)
 
 
 def python_docs_topics() -> list[str]:

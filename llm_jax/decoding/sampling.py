@@ -37,6 +37,11 @@ def filter_logits(logits_V: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return masked_V
 
 
+def lm_logits(model: Any) -> Callable[..., jax.Array]:
+    """(variables, tokens_BT, ...) -> the LM head's logits_BTV of a model that returns named outputs."""
+    return lambda variables, *inputs, **options: model.apply(variables, *inputs, **options).heads["lm"]
+
+
 def make_next_token(apply_fn: Callable[..., jax.Array], vocab_size: int, sampling: SamplingConfig):
     """A jitted (params, window_1L, length, key) -> next token id, reading the logits at length - 1."""
 

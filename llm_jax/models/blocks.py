@@ -1,21 +1,24 @@
-"""The pre-LN Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+"""The Transformer block of every family: self-attention, optional cross-attention, MLP, each a residual
+branch with dropout, normalised pre-LN (x + f(norm(x)), GPT-2) or post-LN (norm(x + f(x)), BERT)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from llm_jax.models.attention import CausalSelfAttention
+from llm_jax.models.attention import MultiHeadAttention
 from llm_jax.models.mlp import MLPS
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.models.norms import NORMS
+from llm_jax.registry import Registry
 
 ACTIVATION_AXES = ("batch", "seq", "act_embed")
 
 
 @jax.custom_vjp
-def materialize_cotangent(x: jnp.ndarray) -> jnp.ndarray:
+def materialize_cotangent(x: jax.Array) -> jax.Array:
     """Identity whose gradient is materialised (an optimization barrier on the cotangent).
 
     Without it XLA fuses the residual stream's gradient, a sum over every later layer, into each consumer
@@ -27,22 +30,55 @@ def materialize_cotangent(x: jnp.ndarray) -> jnp.ndarray:
 
 materialize_cotangent.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.optimization_barrier(g),))
 
+# (x, branch function, norm module, dropout) -> new residual stream
+Residual = Callable[[jax.Array, Callable[[jax.Array], jax.Array], nn.Module, Callable[[jax.Array], jax.Array]],
+                    jax.Array]
+NORM_POSITIONS: Registry[Residual] = Registry("norm position")
 
-class DecoderBlock(nn.Module):
-    """One causal block with dropout on each residual branch."""
+
+@NORM_POSITIONS.register("pre")
+def pre_norm_residual(x_BTD, branch, norm, dropout):
+    """x + dropout(f(norm(x))): the stream itself is never normalised (GPT-2, LLaMA)."""
+    return x_BTD + dropout(branch(norm(x_BTD)))
+
+
+@NORM_POSITIONS.register("post")
+def post_norm_residual(x_BTD, branch, norm, dropout):
+    """norm(x + dropout(f(x))): the original Transformer and BERT."""
+    return norm(x_BTD + dropout(branch(x_BTD)))
+
+
+class Block(nn.Module):
+    """One block; `causal` selects the self-attention mask, `cross` adds attention over an encoder output."""
 
     config: ModelConfig
+    causal: bool
+    cross: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None,
-                 deterministic: bool) -> jnp.ndarray:
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
+                 deterministic: bool, *, bias_BNTS: jax.Array | None = None, encoded_BSD: jax.Array | None = None,
+                 encoded_segment_ids_BS: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        x_BTD = materialize_cotangent(x_BTD)
         norm = NORMS.get(cfg.norm)
-        attn_BTD = CausalSelfAttention(cfg, name="attention")(norm(cfg, name="attention_norm")(x_BTD),
-                                                              positions_BT, segment_ids_BT)
-        x_BTD = x_BTD + nn.Dropout(cfg.dropout)(attn_BTD, deterministic=deterministic)
+        residual = NORM_POSITIONS.get(cfg.norm_position)
+
+        def dropout(y_BTD: jax.Array) -> jax.Array:
+            return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+
+        def self_attention(h_BTD: jax.Array) -> jax.Array:
+            return MultiHeadAttention(cfg, self.causal, name="attention")(h_BTD, positions_BT, segment_ids_BT,
+                                                                          bias_BNTS=bias_BNTS)
+
+        x_BTD = materialize_cotangent(x_BTD)
+        x_BTD = residual(x_BTD, self_attention, norm(cfg, name="attention_norm"), dropout)
         x_BTD = materialize_cotangent(nn.with_logical_constraint(x_BTD, ACTIVATION_AXES))
-        mlp_BTD = MLPS.get(cfg.mlp)(cfg, name="mlp")(norm(cfg, name="mlp_norm")(x_BTD))
-        x_BTD = x_BTD + nn.Dropout(cfg.dropout)(mlp_BTD, deterministic=deterministic)
+        if self.cross:
+            def cross_attention(h_BTD: jax.Array) -> jax.Array:
+                return MultiHeadAttention(cfg, False, name="cross_attention")(
+                    h_BTD, positions_BT, segment_ids_BT, kv_BSD=encoded_BSD, kv_segment_ids_BS=encoded_segment_ids_BS)
+
+            x_BTD = residual(x_BTD, cross_attention, norm(cfg, name="cross_attention_norm"), dropout)
+            x_BTD = materialize_cotangent(nn.with_logical_constraint(x_BTD, ACTIVATION_AXES))
+        x_BTD = residual(x_BTD, MLPS.get(cfg.mlp)(cfg, name="mlp"), norm(cfg, name="mlp_norm"), dropout)
         return nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)

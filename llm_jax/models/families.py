@@ -1,4 +1,5 @@
-"""Model families, selected by `model.family`: each builds a Flax module from the frozen ModelConfig."""
+"""Model families, selected by `model.family`: each builds a Flax module from the frozen ModelConfig and
+says which self-attention it uses (tasks check that a family can run them)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from typing import Callable
 import flax.linen as nn
 
 from llm_jax.models.decoder import DecoderLM
+from llm_jax.models.encoder import Encoder
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.registry import Registry
 
 FAMILIES: Registry[Callable[[ModelConfig], nn.Module]] = Registry("model family")
 FAMILIES.add("decoder", DecoderLM)
+FAMILIES.add("encoder", Encoder)
 
 
 def build_model(config: ModelConfig) -> nn.Module:

@@ -1,4 +1,10 @@
-"""The frozen model config: what the model code reads, built once from the experiment config."""
+"""The frozen model config: every model key declared once, with its default and meaning.
+
+`ModelConfig`'s fields are the `model` section of the experiment config (`llm_jax.config` builds the section
+from them), so adding a key is one field here. A field whose config default is None is resolved when the
+config is frozen (`d_ff=None` -> 4 * d_model); `padded_vocab_size` and `heads` are derived, not config keys.
+Work directories written before a key existed still load: missing keys take their defaults.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +16,59 @@ import jax.numpy as jnp
 import ml_collections
 
 
+def key(default: Any, help: str, *, registry: str | None = None, type: type | None = None,
+        config: bool = True) -> Any:
+    """A ModelConfig field with its meaning; `registry` names the component table ("module:ATTRIBUTE")."""
+    return dataclasses.field(default=default, metadata={"help": help, "registry": registry, "type": type,
+                                                        "config": config})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Resolved model hyper-parameters (no None left); variants come from `.replace(...)`."""
+    """Resolved model hyper-parameters (no None left after `build_model_config`); variants via `.replace(...)`."""
 
-    family: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    d_model: int
-    d_ff: int
-    head_dim: int
-    vocab_size: int
-    padded_vocab_size: int
-    max_len: int
-    positional: str
-    rope_base: float
-    norm: str
-    norm_eps: float
-    activation: str
-    mlp: str
-    use_bias: bool
-    dropout: float
-    tie_embeddings: bool
-    init_std: float
-    dtype: Any
-    param_dtype: Any
+    family: str = key("decoder", "model family", registry="llm_jax.models.families:FAMILIES")
+    num_layers: int = key(4, "Transformer blocks")
+    num_heads: int = key(4, "query heads per attention layer")
+    num_kv_heads: int = key(None, "key/value heads (grouped-query attention); None = num_heads", type=int)
+    d_model: int = key(128, "residual stream width")
+    d_ff: int = key(None, "MLP hidden width; None = 4 * d_model", type=int)
+    head_dim: int = key(None, "width of one head; None = d_model // num_heads", type=int)
+    vocab_size: int = key(None, "vocabulary size; None = the tokenizer's", type=int)
+    vocab_pad_multiple: int = key(128, "embedding rows are padded to a multiple of this and of every mesh axis")
+    max_len: int = key(64, "longest sequence the model accepts (positions table, sliding window in generate)")
+    positional: str = key("learned", "position encoding", registry="llm_jax.models.positions:POSITIONALS")
+    rope_base: float = key(10000.0, "rotary base frequency (positional=rope)")
+    norm: str = key("layernorm", "normalisation layer", registry="llm_jax.models.norms:NORMS")
+    norm_position: str = key("pre", "pre-LN (x + f(norm(x)), GPT-2) or post-LN (norm(x + f(x)), BERT)",
+                             registry="llm_jax.models.blocks:NORM_POSITIONS")
+    norm_eps: float = key(1e-5, "epsilon of the norm layers")
+    activation: str = key("gelu", "MLP activation", registry="llm_jax.models.mlp:ACTIVATIONS")
+    mlp: str = key("standard", "MLP kind (gated = GLU variants)", registry="llm_jax.models.mlp:MLPS")
+    use_bias: bool = key(False, "biases in dense layers and norms")
+    dropout: float = key(0.0, "dropout rate on embeddings, attention output, MLP output and classifier inputs")
+    tie_embeddings: bool = key(True, "LM/MLM output projection shares the token embedding")
+    type_vocab_size: int = key(0, "token-type (BERT sentence A/B) embeddings; 0 = none")
+    embedding_norm: bool = key(False, "a norm after the summed embeddings (BERT)")
+    pooler: bool = key(False, "BERT's pooler: tanh(dense(hidden of the first token)) as the pooled output")
+    num_labels: int = key(None, "classes of the classification heads; None = len(data.labels)", type=int)
+    crf: bool = key(False, "token classification through a linear-chain CRF (forward-algorithm loss, Viterbi)")
+    init_std: float = key(0.02, "stddev of the normal init; residual projections use init_std / sqrt(2 * num_layers)")
+    dtype: Any = key("float32", "compute dtype (bfloat16 for mixed precision on accelerators)")
+    param_dtype: Any = key("float32", "parameter and optimizer-state dtype")
+    padded_vocab_size: int = key(None, "embedding rows: vocab_size padded for the mesh", config=False)
+    heads: tuple[str, ...] = key(("lm",), "output heads the task reads (names in models.heads:HEADS)", config=False)
+
+    def __post_init__(self) -> None:
+        resolved = {"num_kv_heads": self.num_kv_heads or self.num_heads,
+                    "d_ff": self.d_ff or 4 * self.d_model,
+                    "head_dim": self.head_dim or (self.d_model // self.num_heads),
+                    "dtype": jnp.dtype(self.dtype), "param_dtype": jnp.dtype(self.param_dtype),
+                    "heads": tuple(self.heads)}
+        if self.vocab_size is not None and self.padded_vocab_size is None:
+            resolved["padded_vocab_size"] = self.vocab_size
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -46,48 +79,38 @@ class ModelConfig:
         return self.init_std / math.sqrt(2 * self.num_layers)
 
 
+def config_fields() -> list[dataclasses.Field]:
+    """The fields that are `model.*` keys of the experiment config, in declaration order."""
+    return [field for field in dataclasses.fields(ModelConfig) if field.metadata["config"]]
+
+
 def padded_vocab(vocab_size: int, pad_multiple: int, mesh_sizes: dict[str, int]) -> int:
     """Smallest size >= vocab_size divisible by pad_multiple and by every mesh axis."""
     multiple = math.lcm(pad_multiple, *mesh_sizes.values())
     return -(-vocab_size // multiple) * multiple
 
 
-def build_model_config(model: ml_collections.ConfigDict, vocab_size: int,
-                       mesh_sizes: dict[str, int]) -> ModelConfig:
-    """Freezes `config.model`, filling the None defaults; `vocab_size` is the tokenizer's unless set."""
+def build_model_config(model: ml_collections.ConfigDict, vocab_size: int, mesh_sizes: dict[str, int],
+                       heads: tuple[str, ...] = ("lm",), num_labels: int | None = None) -> ModelConfig:
+    """Freezes `config.model`, filling the None defaults; `vocab_size` is the tokenizer's unless set, and
+    `num_labels` the task's label count unless set."""
+    values = {field.name: model[field.name] for field in config_fields()}
     vocab = model.vocab_size or vocab_size
-    return ModelConfig(
-        family=model.family,
-        num_layers=model.num_layers,
-        num_heads=model.num_heads,
-        num_kv_heads=model.num_kv_heads or model.num_heads,
-        d_model=model.d_model,
-        d_ff=model.d_ff or 4 * model.d_model,
-        head_dim=model.head_dim or model.d_model // model.num_heads,
-        vocab_size=vocab,
-        padded_vocab_size=padded_vocab(vocab, model.vocab_pad_multiple, mesh_sizes),
-        max_len=model.max_len,
-        positional=model.positional,
-        rope_base=model.rope_base,
-        norm=model.norm,
-        norm_eps=model.norm_eps,
-        activation=model.activation,
-        mlp=model.mlp,
-        use_bias=model.use_bias,
-        dropout=model.dropout,
-        tie_embeddings=model.tie_embeddings,
-        init_std=model.init_std,
-        dtype=jnp.dtype(model.dtype),
-        param_dtype=jnp.dtype(model.param_dtype),
-    )
+    values.update(vocab_size=vocab, num_labels=model.num_labels or num_labels,
+                  padded_vocab_size=padded_vocab(vocab, model.vocab_pad_multiple, mesh_sizes), heads=tuple(heads))
+    return ModelConfig(**values)
 
 
 def model_config_to_json(cfg: ModelConfig) -> dict[str, Any]:
     values = dataclasses.asdict(cfg)
-    values["dtype"], values["param_dtype"] = cfg.dtype.name, cfg.param_dtype.name
+    values.update(dtype=cfg.dtype.name, param_dtype=cfg.param_dtype.name, heads=list(cfg.heads))
     return values
 
 
 def model_config_from_json(values: dict[str, Any]) -> ModelConfig:
-    values = dict(values, dtype=jnp.dtype(values["dtype"]), param_dtype=jnp.dtype(values["param_dtype"]))
+    """The saved model config; keys added since it was written take their defaults, unknown keys are an error."""
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"saved model config has unknown keys {unknown}: written by a newer llm_jax?")
     return ModelConfig(**values)

@@ -1,7 +1,8 @@
 """Position encodings, selected by `model.positional`.
 
-A scheme either adds a vector to the token embeddings (learned, sinusoidal), rotates queries and keys
-inside attention (rope), or does nothing (none).
+A scheme adds a vector to the token embeddings (learned, sinusoidal), rotates queries and keys inside
+attention (rope), adds a bias to the attention logits (alibi; T5's relative buckets plug in the same way),
+or does nothing (none).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,7 +25,7 @@ class LearnedPositions(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, positions_BT: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, positions_BT: jax.Array) -> jax.Array:
         cfg = self.config
         table_LD = self.param(
             "embedding",
@@ -37,7 +39,7 @@ class SinusoidalPositions(nn.Module):
 
     config: ModelConfig
 
-    def __call__(self, positions_BT: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, positions_BT: jax.Array) -> jax.Array:
         d_model = self.config.d_model
         inv_freq_F = 1.0 / (10000.0 ** (np.arange(0, d_model, 2, dtype=np.float32) / d_model))
         angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
@@ -47,7 +49,7 @@ class SinusoidalPositions(nn.Module):
         return encoding_BTD.astype(self.config.dtype)
 
 
-def apply_rope(x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, base: float) -> jnp.ndarray:
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
     """Rotates pairs (i, i + H/2) of each head by position-dependent angles (GPT-NeoX/LLaMA layout)."""
     head_dim = x_BTNH.shape[-1]
     inv_freq_F = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
@@ -59,12 +61,27 @@ def apply_rope(x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, base: float) -> j
     return rotated_BTNH.astype(x_BTNH.dtype)
 
 
+class AlibiBias(nn.Module):
+    """ALiBi (Press et al. 2022): head n adds -slope_n * |t - s| to the logit of query t and key s; no
+    parameters. Causal models only ever see s <= t, where this is the paper's linear penalty."""
+
+    config: ModelConfig
+
+    def __call__(self, q_positions_BT: jax.Array, k_positions_BS: jax.Array) -> jax.Array:
+        num_heads = self.config.num_heads
+        slopes_N = 2.0 ** (-8.0 * np.arange(1, num_heads + 1, dtype=np.float32) / num_heads)
+        distance_BTS = jnp.abs(q_positions_BT[:, :, None] - k_positions_BS[:, None, :]).astype(jnp.float32)
+        return (-slopes_N[None, :, None, None] * distance_BTS[:, None]).astype(self.config.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class PositionalScheme:
-    """How one encoding enters the model: an additive embedding module and/or a q/k rotation."""
+    """How one encoding enters the model: an additive embedding module, a q/k rotation, and/or a module
+    (q_positions_BT, k_positions_BS) -> additive attention bias [B, heads, T, S] shared by every layer."""
 
     embedding: type[nn.Module] | None
-    rotate_qk: Callable[[jnp.ndarray, jnp.ndarray, float], jnp.ndarray] | None
+    rotate_qk: Callable[[jax.Array, jax.Array, float], jax.Array] | None
+    attention_bias: type[nn.Module] | None = None
 
 
 POSITIONALS: Registry[PositionalScheme] = Registry("positional encoding")
@@ -72,3 +89,4 @@ POSITIONALS.add("learned", PositionalScheme(LearnedPositions, None))
 POSITIONALS.add("sinusoidal", PositionalScheme(SinusoidalPositions, None))
 POSITIONALS.add("rope", PositionalScheme(None, apply_rope))
 POSITIONALS.add("none", PositionalScheme(None, None))
+POSITIONALS.add("alibi", PositionalScheme(None, None, AlibiBias))

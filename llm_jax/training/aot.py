@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from llm_jax.sharding import batch_sharding
+from llm_jax.sharding import batch_shardings
 from llm_jax.training.run import Run, build_run, jit_train_chunk
 
 
@@ -24,13 +24,14 @@ def per_device_bytes(abstract_tree: Any) -> int:
     return total
 
 
-def _abstract_batches(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batches(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
+    """A chunk of train batches as the task's batch spec declares them: the keys training feeds."""
     cfg = run.config
-    shape = (cfg.train.steps_per_dispatch, cfg.train.batch_size, cfg.data.seq_len)
-    sharding = batch_sharding(run.mesh, run.rules, stacked=True)
-    return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
-            "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
-            "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
+    spec = run.task.batch_spec()
+    shardings = batch_shardings(run.mesh, run.rules, spec, stacked=True)
+    leading = (cfg.train.steps_per_dispatch, cfg.train.batch_size)
+    return {key: jax.ShapeDtypeStruct(leading + field.shape, field.dtype, sharding=shardings[key])
+            for key, field in spec.items()}
 
 
 def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     jitted = jit_train_chunk(run)
     start = time.perf_counter()
     with jax.set_mesh(run.mesh), run.rules_context():
-        compiled = jitted.lower(run.abstract_state, _abstract_batches(run)).compile()
+        compiled = jitted.lower(run.abstract_state, abstract_batches(run)).compile()
     memory = compiled.memory_analysis()
     num_params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(run.abstract_state.params))
     report = {

@@ -1,13 +1,13 @@
-"""Evaluation over a number of batches of one split: eval/loss, eval/perplexity, eval/token_accuracy and the
-target tokens they cover (eval/tokens)."""
+"""Evaluation over a number of batches of one split: the task's metric sums, summed over batches on device,
+then turned into eval/* metrics by the task (loss, perplexity and token accuracy for causal LM; MLM,
+sentence-pair, accuracy and F1 metrics for the encoder tasks)."""
 
 from __future__ import annotations
 
-import math
-
 import jax
+import numpy as np
 
-from llm_jax.sharding import batch_sharding, global_batch
+from llm_jax.sharding import batch_shardings, global_batch
 from llm_jax.training.run import Run
 from llm_jax.training.steps import make_eval_step
 
@@ -17,17 +17,14 @@ class Evaluator:
 
     def __init__(self, run: Run):
         self.run = run
-        self.sharding = batch_sharding(run.mesh, run.rules, stacked=False)
-        self._step = jax.jit(make_eval_step(run.model),
-                             in_shardings=(run.shardings.params, self.sharding))
+        self.shardings = batch_shardings(run.mesh, run.rules, run.task.batch_spec(), stacked=False)
+        self._step = jax.jit(make_eval_step(run.model, run.task), in_shardings=(run.shardings.params, self.shardings))
+        self.last_sums: dict[str, np.ndarray] = {}
 
     def evaluate(self, params, split: str, num_batches: int) -> dict[str, float]:
         totals = None
         for local in self.run.data.eval_batches(split, num_batches):
-            sums = self._step(params, global_batch(local, self.sharding, 0, self.run.config.train.batch_size))
+            sums = self._step(params, global_batch(local, self.shardings, 0, self.run.config.train.batch_size))
             totals = sums if totals is None else jax.tree.map(jax.numpy.add, totals, sums)
-        totals = jax.device_get(totals)
-        weight = max(float(totals["weight_sum"]), 1.0)
-        loss = float(totals["loss_sum"]) / weight
-        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0)),
-                "eval/token_accuracy": float(totals["correct_sum"]) / weight, "eval/tokens": float(totals["weight_sum"])}
+        self.last_sums = jax.device_get(totals)
+        return self.run.task.finalize(self.last_sums)

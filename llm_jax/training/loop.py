@@ -21,12 +21,13 @@ import numpy as np
 from absl import logging
 
 from llm_jax.data.pipeline import describe
-from llm_jax.sharding import batch_sharding, global_batch
+from llm_jax.sharding import batch_shardings, global_batch
 from llm_jax.training import evaluation
 from llm_jax.training.checkpoint import Checkpointer
 from llm_jax.training.flops import peak_flops_per_device, train_flops_per_token
+from llm_jax.training.init_from import init_params_from
 from llm_jax.training.metrics import MetricsWriter, ProgressLine, log_progress, read_metrics
-from llm_jax.training.run import Run, build_run, jit_train_chunk, write_run_config
+from llm_jax.training.run import Run, build_run, jit_train_chunk, model_inputs_fn, write_run_config
 from llm_jax.training.state import TrainState, init_state
 
 
@@ -82,7 +83,7 @@ class ChunkRunner:
         self.compile_seconds = 0.0
 
     def __call__(self, state: TrainState, batches: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-        length = batches["inputs"].shape[0]
+        length = next(iter(batches.values())).shape[0]
         if length not in self._compiled:
             start = time.perf_counter()
             self._compiled[length] = self._jitted.lower(state, batches).compile()
@@ -152,7 +153,7 @@ class HostLoop:
         self.chunks = ChunkRunner(run)
         self.evaluator = evaluation.Evaluator(run)
         self.progress = ProgressLine(self.events.total)
-        self.sharding = batch_sharding(run.mesh, run.rules, stacked=True)
+        self.sharding = batch_shardings(run.mesh, run.rules, run.task.batch_spec(), stacked=True)
         peak = peak_flops_per_device(run.config.train.peak_flops_per_device)
         flops = train_flops_per_token(run.model_config, run.config.data.seq_len)
         self.mfu_scale = flops / (peak * jax.device_count()) if peak else None
@@ -214,10 +215,23 @@ class HostLoop:
         return state
 
 
+def _init_from(run: Run, state: TrainState) -> TrainState:
+    """The fresh state with train.init_from's weights where they fit (new heads keep their init) and the
+    optimizer state initialised for them."""
+    source = run.config.train.init_from
+    params, report = init_params_from(source, jax.device_get(state.params), run.model_config)
+    params = jax.device_put(params, run.shardings.params)
+    opt_state = jax.jit(run.tx.init, out_shardings=run.shardings.opt_state)(params)
+    logging.info("initialised %d parameter arrays from %s; new: %s; not used: %s", len(report["loaded"]), source,
+                 ", ".join(report["new"]) or "none", ", ".join(report["dropped"]) or "none")
+    return state.replace(params=params, opt_state=opt_state)
+
+
 def _restore_or_init(run: Run, checkpointer: Checkpointer) -> tuple[TrainState, int]:
     latest = checkpointer.latest_step()
     if latest is None:
-        return init_state(run.model, run.tx, run.config.data.seq_len, run.config.train.seed, run.shardings), 0
+        state = init_state(run.model, run.tx, model_inputs_fn(run.task), run.config.train.seed, run.shardings)
+        return (_init_from(run, state) if run.config.train.init_from else state), 0
     state, data_state = checkpointer.restore(latest, run.abstract_state)
     run.data.train.set_state(data_state)
     logging.info("resumed from %s at step %d", run.checkpoint_dir, latest)

@@ -23,9 +23,12 @@ from llm_jax.models.families import build_model
 from llm_jax.models.model_config import (ModelConfig, build_model_config, model_config_from_json,
                                          model_config_to_json)
 from llm_jax.provenance import provenance
-from llm_jax.sharding import Rules, batch_sharding, build_mesh, logical_rules, process_batch_rows
-from llm_jax.training.optimizer import build_optimizer
-from llm_jax.training.state import TrainState, abstract_state, state_shardings
+from llm_jax.sharding import Rules, batch_shardings, build_mesh, logical_rules, process_batch_rows
+from llm_jax.tasks import build_task
+from llm_jax.tasks.base import Task, zeros_batch
+from llm_jax.training.init_from import check_init_from
+from llm_jax.training.optimizer import build_optimizer, frozen_mask
+from llm_jax.training.state import TrainState, abstract_params, abstract_state, state_shardings
 from llm_jax.training.steps import make_train_chunk, make_train_step
 
 CONFIG_FILE = "config.json"
@@ -45,6 +48,8 @@ class Run:
     schedule: optax.Schedule
     shardings: TrainState
     abstract_state: TrainState
+    task: Task
+    frozen: Any = None  # bool tree, True = kept fixed (train.freeze); None = everything trains
 
     @property
     def checkpoint_dir(self) -> str:
@@ -71,6 +76,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Seque
     """
     devices = list(devices or jax.devices())
     mesh_sizes = config_lib.validate(config, len(devices))
+    task = build_task(config)
+    if config.train.init_from and saved_model_config is None:
+        check_init_from(config.train.init_from, config.model.family)
     mesh, rules = build_mesh(mesh_sizes, devices), logical_rules(config.mesh)
     tokenizer_dir = os.path.join(workdir, "tokenizer")
     data = None
@@ -81,13 +89,24 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Seque
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
     _check_vocab(config, tokenizer)
-    model_config = saved_model_config or build_model_config(config.model, tokenizer.vocab_size, mesh_sizes)
+    model_config = saved_model_config or build_model_config(config.model, tokenizer.vocab_size, mesh_sizes,
+                                                            task.heads(), task.num_labels())
     model = build_model(model_config)
-    tx, schedule = build_optimizer(config.optimizer, config.train.steps)
+    inputs = model_inputs_fn(task)
+    params = nn.unbox(abstract_params(model, inputs))
+    frozen = frozen_mask(params, config.train.freeze, model_config.num_layers) if config.train.freeze else None
+    tx, schedule = build_optimizer(config.optimizer, config.train.steps, params, tuple(config.train.freeze),
+                                   model_config.num_layers)
     with nn.logical_axis_rules(rules):
-        shardings = state_shardings(model, tx, config.data.seq_len, mesh, rules)
-        abstract = abstract_state(model, tx, config.data.seq_len, shardings)
-    return Run(config, workdir, mesh, rules, tokenizer, data, model_config, model, tx, schedule, shardings, abstract)
+        shardings = state_shardings(model, tx, inputs, mesh, rules)
+        abstract = abstract_state(model, tx, inputs, shardings)
+    return Run(config, workdir, mesh, rules, tokenizer, data, model_config, model, tx, schedule, shardings, abstract,
+               task, frozen)
+
+
+def model_inputs_fn(task: Task):
+    """() -> the model's keyword inputs for a batch of one of the task's spec (what init traces)."""
+    return lambda: task.model_inputs(zeros_batch(task.batch_spec()))
 
 
 def build_saved_run(workdir: str, *, with_data: bool) -> Run:
@@ -109,10 +128,11 @@ def build_saved_run(workdir: str, *, with_data: bool) -> Run:
 def jit_train_chunk(run: Run):
     """The jitted multi-step train function with the run's shardings and donated state; the host loop and
     the compile-only report lower the same function."""
-    step = make_train_step(run.model, run.tx, run.schedule, run.config.optimizer.grad_accum_steps,
-                           use_dropout=run.model_config.dropout > 0)
+    step = make_train_step(run.model, run.task, run.tx, run.schedule, run.config.optimizer.grad_accum_steps,
+                           use_dropout=run.model_config.dropout > 0, frozen=run.frozen)
     return jax.jit(make_train_chunk(step),
-                   in_shardings=(run.shardings, batch_sharding(run.mesh, run.rules, stacked=True)),
+                   in_shardings=(run.shardings, batch_shardings(run.mesh, run.rules, run.task.batch_spec(),
+                                                                stacked=True)),
                    out_shardings=(run.shardings, None), donate_argnums=0)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -13,7 +13,6 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from llm_jax.config import ConfigError
-
 from llm_jax.sharding import Rules, replicated
 
 
@@ -27,30 +26,37 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
+ModelInputs = Callable[[], dict[str, Any]]  # () -> the model's example keyword inputs (batch of one, zeros)
+
+
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, inputs: ModelInputs):
     def init(seed_key: jax.Array) -> TrainState:
         params_key, dropout_key = jax.random.split(seed_key)
-        tokens_BT = jnp.zeros((1, seq_len), jnp.int32)
-        params = nn.unbox(model.init({"params": params_key}, tokens_BT)["params"])
+        params = nn.unbox(model.init({"params": params_key}, **inputs())["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(dropout_key))
 
     return init
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, mesh: Mesh,
+def abstract_params(model: nn.Module, inputs: ModelInputs) -> Any:
+    """The boxed (logically partitioned) parameter shapes, nothing allocated."""
+    return jax.eval_shape(lambda key: model.init({"params": key}, **inputs()), jax.random.key(0))["params"]
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, inputs: ModelInputs, mesh: Mesh,
                     rules: Rules) -> TrainState:
     """NamedShardings of every state leaf: params by their logical axes, optimizer moments like their
     params, everything else replicated."""
-    tokens_BT = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    boxed = jax.eval_shape(model.init, {"params": jax.random.key(0)}, tokens_BT)["params"]
+    boxed = abstract_params(model, inputs)
     logical_specs = nn.get_partition_spec(boxed)
     param_shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
     _check_divisible(nn.unbox(boxed), logical_specs, param_shardings)
-    abstract = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0))
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
-        transform_non_params=lambda _: replicated(mesh))
+    abstract = jax.eval_shape(_init_fn(model, tx, inputs), jax.random.key(0))
+    opt_shardings = optax.tree_map_params(  # frozen parameters (train.freeze) have no moments: MaskedNode
+        tx, lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding, abstract.opt_state,
+        param_shardings, transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda leaf: isinstance(leaf, optax.MaskedNode))
     return TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings,
                       rng=replicated(mesh))
 
@@ -72,16 +78,16 @@ def _check_divisible(params: Any, logical_specs: Any, shardings: Any) -> None:
                     "(heads, d_model, d_ff) or the mesh, or map the logical axis elsewhere in mesh.logical_axis_rules")
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, inputs: ModelInputs,
                    shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
-    abstract = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key(0))
+    abstract = jax.eval_shape(_init_fn(model, tx, inputs), jax.random.key(0))
     return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                         abstract, shardings)
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int,
+def init_state(model: nn.Module, tx: optax.GradientTransformation, inputs: ModelInputs, seed: int,
                shardings: TrainState) -> TrainState:
     """Initialises every leaf directly on its shards; nothing is materialised whole on one device."""
-    init = jax.jit(_init_fn(model, tx, seq_len), out_shardings=shardings)
+    init = jax.jit(_init_fn(model, tx, inputs), out_shardings=shardings)
     return init(jax.random.key(seed))

@@ -1,4 +1,8 @@
-"""Pure train and eval steps: (state, batch) -> (state, metrics), jitted by the host loop."""
+"""Pure train and eval steps: (state, batch) -> (state, metrics), jitted by the host loop.
+
+The task (`llm_jax.tasks`) says how a batch becomes model inputs and what the loss and metrics are; the
+steps, gradient accumulation and dropout keys here are the same for every task.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llm_jax.models.outputs import Outputs
+from llm_jax.tasks.base import Task
 from llm_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def token_losses(model: nn.Module, params: Any, batch: Batch, dropout_key: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
-    """(logits_BTV, per-token cross-entropy_BT); dropout is on when a key is given."""
+def apply_model(model: nn.Module, task: Task, params: Any, batch: Batch, dropout_key: jax.Array | None = None
+                ) -> Outputs:
+    """The model's named outputs on a batch; dropout is on when a key is given."""
     deterministic = dropout_key is None
     rngs = {} if deterministic else {"dropout": dropout_key}
-    logits_BTV = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                             batch.get("segment_ids"), deterministic=deterministic, rngs=rngs)
-    return logits_BTV, optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+    return model.apply({"params": params}, **task.model_inputs(batch), deterministic=deterministic, rngs=rngs)
 
 
 def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
@@ -34,13 +38,15 @@ def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def _gradients(model: nn.Module, params: Any, batch: Batch, dropout_key: jax.Array | None,
+def _gradients(model: nn.Module, task: Task, params: Any, batch: Batch, dropout_key: jax.Array | None,
                grad_accum_steps: int) -> tuple[jax.Array, Any]:
-    """Mean token loss and its gradient, accumulated over micro-batches (exactly the full-batch mean)."""
-    total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    """The task's loss (each term's sum over the weight of the whole batch) and its gradient, accumulated over
+    micro-batches: exactly the full-batch loss."""
+    totals = {name: jnp.maximum(weight, 1.0) for name, weight in task.loss_weights(batch).items()}
 
     def loss_fn(p: Any, micro: Batch, key: jax.Array | None) -> jax.Array:
-        return jnp.sum(token_losses(model, p, micro, key)[1] * micro["weights"]) / total_weight
+        terms = task.loss_terms(apply_model(model, task, p, micro, key), micro)
+        return sum(loss_sum / totals[name] for name, (loss_sum, _) in terms.items())
 
     grad_fn = jax.value_and_grad(loss_fn)
     if grad_accum_steps == 1:
@@ -60,26 +66,30 @@ def _gradients(model: nn.Module, params: Any, batch: Batch, dropout_key: jax.Arr
     return loss, grads
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int, use_dropout: bool) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """One optimizer update; the dropout key is derived from (state.rng, step), so resumes are exact."""
+def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum_steps: int, use_dropout: bool, frozen: Any = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """One optimizer update; the dropout key is derived from (state.rng, step), so resumes are exact. With a
+    `frozen` mask (True = frozen), train/grad_norm covers the trainable parameters only."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         dropout_key = None
         if use_dropout:
             dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        loss, grads = _gradients(model, state.params, batch, dropout_key, grad_accum_steps)
+        loss, grads = _gradients(model, task, state.params, batch, dropout_key, grad_accum_steps)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
-                   "train/learning_rate": schedule(state.step), "train/tokens": jnp.sum(batch["weights"])}
+        trainable = grads if frozen is None else jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g,
+                                                               grads, frozen)
+        metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(trainable),
+                   "train/learning_rate": schedule(state.step), "train/tokens": task.tokens(batch)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
 
 def make_train_chunk(train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]):
-    """Several optimizer steps in one device call: a lax.scan over a [steps, batch, seq] stack."""
+    """Several optimizer steps in one device call: a lax.scan over a [steps, batch, ...] stack."""
 
     def train_chunk(state: TrainState, batches: Batch) -> tuple[TrainState, Metrics]:
         return jax.lax.scan(train_step, state, batches)
@@ -87,14 +97,10 @@ def make_train_chunk(train_step: Callable[[TrainState, Batch], tuple[TrainState,
     return train_chunk
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
-    """Summed loss, weight and correct-token count of one batch (summed again over batches on the host)."""
+def make_eval_step(model: nn.Module, task: Task) -> Callable[[Any, Batch], Metrics]:
+    """The task's metric sums of one batch (summed again over batches on the host)."""
 
     def eval_step(params: Any, batch: Batch) -> Metrics:
-        logits_BTV, losses_BT = token_losses(model, params, batch)
-        correct_BT = (jnp.argmax(logits_BTV, -1) == batch["targets"]).astype(jnp.float32)
-        weights_BT = batch["weights"]
-        return {"loss_sum": jnp.sum(losses_BT * weights_BT), "weight_sum": jnp.sum(weights_BT),
-                "correct_sum": jnp.sum(correct_BT * weights_BT)}
+        return task.eval_sums(apply_model(model, task, params, batch), batch)
 
     return eval_step

@@ -1,0 +1,66 @@
+"""The parts every family composes: embeddings in, blocks, final norm; call inside a compact method.
+
+These are functions, not modules, so their parameters sit at the top of the family's tree
+(token_embedding, position_embedding, token_type_embedding, embedding_norm, block_{i}, final_norm) and a
+family is a few lines: embed -> blocks -> heads.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax.models.blocks import ACTIVATION_AXES, Block
+from llm_jax.models.embeddings import TokenEmbedding, TokenTypeEmbedding
+from llm_jax.models.model_config import ModelConfig
+from llm_jax.models.norms import NORMS
+from llm_jax.models.positions import POSITIONALS
+
+
+def positions_from_segments(segment_ids_BT: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
+    """0, 1, 2, ... per row, restarting wherever the segment id changes (packed rows)."""
+    index_BT = jnp.broadcast_to(jnp.arange(shape[1]), shape)
+    if segment_ids_BT is None:
+        return index_BT
+    starts_BT = jnp.concatenate([jnp.ones((shape[0], 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], 1)
+    return index_BT - jax.lax.cummax(jnp.where(starts_BT, index_BT, 0), axis=1)
+
+
+def embed(cfg: ModelConfig, tokens_BT: jax.Array, positions_BT: jax.Array, token_types_BT: jax.Array | None,
+          deterministic: bool) -> tuple[jax.Array, TokenEmbedding]:
+    """Token (+ position) (+ token-type) embeddings, optional norm, dropout; returns the embedding module too,
+    for heads tied to it."""
+    embedding = TokenEmbedding(cfg, name="token_embedding")
+    x_BTD = embedding(tokens_BT)
+    position_module = POSITIONALS.get(cfg.positional).embedding
+    if position_module is not None:
+        x_BTD = x_BTD + position_module(cfg, name="position_embedding")(positions_BT)
+    if cfg.type_vocab_size:
+        if token_types_BT is None:
+            token_types_BT = jnp.zeros_like(tokens_BT)
+        x_BTD = x_BTD + TokenTypeEmbedding(cfg, name="token_type_embedding")(token_types_BT)
+    if cfg.embedding_norm:
+        x_BTD = NORMS.get(cfg.norm)(cfg, name="embedding_norm")(x_BTD)
+    x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+    return nn.with_logical_constraint(x_BTD, ACTIVATION_AXES), embedding
+
+
+def attention_bias(cfg: ModelConfig, positions_BT: jax.Array) -> jax.Array | None:
+    """The positional scheme's additive self-attention bias, computed once for every layer (or None)."""
+    bias_module = POSITIONALS.get(cfg.positional).attention_bias
+    if bias_module is None:
+        return None
+    return bias_module(cfg, name="attention_bias")(positions_BT, positions_BT)
+
+
+def blocks(cfg: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
+           deterministic: bool, *, causal: bool) -> jax.Array:
+    """model.num_layers blocks, then the final norm under pre-LN (post-LN blocks end normalised)."""
+    bias_BNTS = attention_bias(cfg, positions_BT)
+    for layer in range(cfg.num_layers):
+        x_BTD = Block(cfg, causal, name=f"block_{layer}")(x_BTD, positions_BT, segment_ids_BT, deterministic,
+                                                          bias_BNTS=bias_BNTS)
+    if cfg.norm_position == "pre":
+        x_BTD = NORMS.get(cfg.norm)(cfg, name="final_norm")(x_BTD)
+    return x_BTD
