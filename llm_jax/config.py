@@ -107,7 +107,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tokenizer": Key("char", "tokenizer", "llm_jax.data.tokenizers:TOKENIZERS"),
         "tokenizer_path": Key("", "existing tokenizer file: GPT-2's ranks file for tokenizer=gpt2_bpe (required, "
                                   "e.g. ../shared/data/gpt2.tiktoken); a SentencePiece .model for "
-                                  "tokenizer=sentencepiece (then no training)"),
+                                  "tokenizer=sentencepiece (then no training); a BERT vocab.txt for tokenizer=wordpiece"),
         "tokenizer_vocab_size": Key(8192, "vocabulary size of a tokenizer trained on the text "
                                           "(tokenizer=sentencepiece without tokenizer_path)"),
         "lowercase": Key(True, "tokenizer=wordpiece: lowercase and strip accents first (uncased BERT vocabularies)"),

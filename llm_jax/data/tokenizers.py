@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import sentencepiece
 import tiktoken
+import tokenizers as hf_tokenizers
 
 from llm_jax.config import ConfigError, default_config
 from llm_jax.registry import Registry
@@ -396,6 +397,97 @@ class GPT2BPETokenizer(FileBackedTokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._encoding.decode(_checked_ids(ids, self.vocab_size))
+
+
+# ----------------------------------------------------------------------------- BERT WordPiece
+
+WORDPIECE_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+
+
+def read_wordpiece_vocab(vocab_bytes: bytes, path: str, key: str | None = None) -> list[str]:
+    """The tokens of a BERT vocab.txt, one a line, the id being the line number (as transformers reads it)."""
+    try:
+        lines = io.TextIOWrapper(io.BytesIO(vocab_bytes), encoding="utf-8").readlines()
+    except UnicodeDecodeError as error:
+        raise _file_error(path, key, f"is not a UTF-8 vocab.txt ({error.reason} at byte {error.start})") from error
+    tokens = [line.rstrip("\n") for line in lines]
+    if WORDPIECE_SPECIALS["unk"] not in tokens:
+        raise _file_error(path, key, f"has no {WORDPIECE_SPECIALS['unk']} line: point it at a BERT WordPiece "
+                                     "vocab.txt (one token a line)")
+    return tokens
+
+
+def _wordpiece_backend(tokens: list[str], lowercase: bool) -> hf_tokenizers.Tokenizer:
+    """BERT's tokenizer pipeline from the `tokenizers` library: BertNormalizer (lowercasing and accent
+    stripping when `lowercase`), BertPreTokenizer, WordPiece, with the special tokens matched in the text."""
+    vocab = {token: index for index, token in enumerate(tokens)}  # a repeated line keeps its last id
+    backend = hf_tokenizers.Tokenizer(hf_tokenizers.models.WordPiece(
+        vocab, unk_token=WORDPIECE_SPECIALS["unk"], max_input_chars_per_word=100))
+    backend.normalizer = hf_tokenizers.normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    backend.pre_tokenizer = hf_tokenizers.pre_tokenizers.BertPreTokenizer()
+    backend.decoder = hf_tokenizers.decoders.WordPiece(prefix="##")
+    backend.add_special_tokens([hf_tokenizers.AddedToken(token, special=True, normalized=False)
+                                for token in WORDPIECE_SPECIALS.values() if token in vocab])
+    return backend
+
+
+@TOKENIZERS.register("wordpiece")
+class WordPieceTokenizer(FileBackedTokenizer):
+    """BERT's WordPiece from a vocab.txt at `data.tokenizer_path` (lowercased first when `data.lowercase`).
+
+    `encode` gives the text's ids without [CLS]/[SEP] (tasks add them); a literal "[MASK]" etc. in the text
+    encodes as that special id, as transformers' BertTokenizer does. `pieces` names each id's piece ("##"
+    marks a word's continuation), which whole-word masking reads.
+    """
+
+    kind = "wordpiece"
+    FILE, SPEC_KEY = "vocab.txt", "vocab_file"
+
+    def __init__(self, vocab_bytes: bytes, path: str = "<vocab.txt>", key: str | None = None,
+                 lowercase: bool = True):
+        super().__init__(vocab_bytes, path, key)
+        self.lowercase = bool(lowercase)
+        self.tokens = read_wordpiece_vocab(vocab_bytes, path, key)
+        self.vocab_size = len(self.tokens)
+        self._backend = _wordpiece_backend(self.tokens, self.lowercase)
+        self.special_ids = {name: self._backend.token_to_id(token) for name, token in WORDPIECE_SPECIALS.items()
+                            if token in self.tokens}
+
+    @classmethod
+    def fit(cls, text: str, data: ml_collections.ConfigDict | None = None) -> "WordPieceTokenizer":
+        """Loads the vocab.txt at data.tokenizer_path; BERT vocabularies are not learnt from `text`."""
+        data = _data_config(data)
+        if not data.tokenizer_path:
+            raise ConfigError("data.tokenizer_path is empty: tokenizer=wordpiece needs a BERT vocab.txt, e.g. "
+                              "the one `python -m llm_jax.convert --from=hf` imports")
+        path = data.tokenizer_path
+        return cls(_read_bytes(path, "data.tokenizer_path"), path, "data.tokenizer_path", data.lowercase)
+
+    @classmethod
+    def from_spec(cls, spec: dict, directory: str) -> "WordPieceTokenizer":
+        path = os.path.join(directory, spec[cls.SPEC_KEY])
+        vocab_bytes = _read_bytes(path)
+        _check_digest(vocab_bytes, spec, path)
+        return cls(vocab_bytes, path, lowercase=spec.get("lowercase", True))
+
+    def __reduce__(self):
+        return type(self), (self.file_bytes, f"<pickled {self.FILE}>", None, self.lowercase)
+
+    def save(self, directory: str) -> None:
+        _write_file(directory, self.FILE, self.file_bytes)
+        _write_spec(directory, {"kind": self.kind, self.SPEC_KEY: self.FILE, "sha256": _sha256(self.file_bytes),
+                                "lowercase": self.lowercase})
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._backend.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._backend.decode(_checked_ids(ids, self.vocab_size), skip_special_tokens=False)
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary entry of each id; "##" starts a piece that continues the previous word."""
+        return [self.tokens[i] for i in _checked_ids(ids, self.vocab_size)]
 
 
 def special_ids(tokenizer: Tokenizer) -> dict[str, int]:

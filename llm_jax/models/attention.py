@@ -44,15 +44,17 @@ def attention_mask(q_segments_BT: jax.Array | None, k_segments_BS: jax.Array | N
                    causal: bool) -> jax.Array | None:
     """[B, 1, T, S] True where query t may read key s; causality itself is left to dot_product_attention.
 
-    Segment id 0 marks padding. A query reads keys of its own segment; without causality (encoders,
-    cross-attention) a padding query reads every real key, as BERT does, so its output is finite and
-    equals transformers'. A packed padding key is never read by a real query.
+    Segment id 0 marks padding. A query reads keys of its own segment. Without causality (encoders,
+    cross-attention) no query reads a padding key, and a padding query reads every real key, as BERT
+    does, so padding outputs are finite and equal transformers'. (The causal mask keeps padding with
+    padding: the decoder's program is unchanged, and padding targets carry no weight.)
     """
     if q_segments_BT is None or k_segments_BS is None:
         return None
     same_BTS = q_segments_BT[:, :, None] == k_segments_BS[:, None, :]
     if not causal:
-        same_BTS = same_BTS | ((q_segments_BT[:, :, None] == 0) & (k_segments_BS[:, None, :] != 0))
+        real_key_B1S = k_segments_BS[:, None, :] != 0
+        same_BTS = (same_BTS | (q_segments_BT[:, :, None] == 0)) & real_key_B1S
     return same_BTS[:, None, :, :]
 
 

@@ -2,7 +2,8 @@
 
 A head is a module class built as `HEAD(config, name=PARAM_NAME)` and called as
 `head(hidden_BTD, pooled_BD, embedding, deterministic)`; `embedding` is the token embedding, for heads tied
-to it. Parameter names (the registry's `param_name`) are the top-level keys `training.optimizer.HEAD_PARAMS`
+to it. Token-level vocabulary heads (lm, mlm) read only `prediction_positions_BP` when the task gives them
+(BERT predicts the ~15% masked positions: the [B, P, V] logits cost a fraction of [B, T, V]). Parameter names (the registry's `param_name`) are the top-level keys `training.optimizer.HEAD_PARAMS`
 lists, so freezing and `train.init_from` know what a head is.
 """
 
@@ -141,14 +142,20 @@ HEADS.add("classifier", HeadSpec(SequenceClassifier, "classifier"))
 HEADS.add("token_classifier", HeadSpec(TokenClassifier, "token_classifier"))
 
 
+TOKEN_VOCAB_HEADS = ("lm", "mlm")
+
+
 def apply_heads(cfg: ModelConfig, hidden_BTD: jax.Array, pooled_BD: jax.Array | None, embedding: TokenEmbedding,
-                deterministic: bool) -> dict[str, jax.Array]:
+                deterministic: bool, prediction_positions_BP: jax.Array | None = None) -> dict[str, jax.Array]:
     """Each of the config's heads on the stack's outputs (call inside the family's compact method). With
     model.crf the token classifier's CRF parameters are created too (the task calls its methods)."""
     outputs = {}
     for name in cfg.heads:
         spec = HEADS.get(name)
-        outputs[name] = spec.module(cfg, name=spec.param_name)(hidden_BTD, pooled_BD, embedding, deterministic)
+        hidden = hidden_BTD
+        if prediction_positions_BP is not None and name in TOKEN_VOCAB_HEADS:
+            hidden = jnp.take_along_axis(hidden_BTD, prediction_positions_BP[..., None], axis=1)
+        outputs[name] = spec.module(cfg, name=spec.param_name)(hidden, pooled_BD, embedding, deterministic)
     if cfg.crf and "token_classifier" in cfg.heads:
         outputs["crf"] = CRFTransitions(cfg, name="crf")()
     return outputs

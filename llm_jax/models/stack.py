@@ -18,12 +18,18 @@ from llm_jax.models.norms import NORMS
 from llm_jax.models.positions import POSITIONALS
 
 
-def positions_from_segments(segment_ids_BT: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
-    """0, 1, 2, ... per row, restarting wherever the segment id changes (packed rows)."""
+def positions_from_segments(segment_ids_BT: jax.Array | None, shape: tuple[int, int], *,
+                            padding_continues: bool = False) -> jax.Array:
+    """0, 1, 2, ... per row, restarting wherever the segment id changes (packed rows). With
+    `padding_continues` (encoders), padding (segment 0) continues the count of the segment before it, as the
+    positions of an unpacked padded BERT row do."""
     index_BT = jnp.broadcast_to(jnp.arange(shape[1]), shape)
     if segment_ids_BT is None:
         return index_BT
-    starts_BT = jnp.concatenate([jnp.ones((shape[0], 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], 1)
+    changes_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+    if padding_continues:
+        changes_BT = changes_BT & (segment_ids_BT[:, 1:] != 0)
+    starts_BT = jnp.concatenate([jnp.ones((shape[0], 1), bool), changes_BT], 1)
     return index_BT - jax.lax.cummax(jnp.where(starts_BT, index_BT, 0), axis=1)
 
 

@@ -42,6 +42,7 @@ class MaskedExamples:
         self.special = context.require_special("cls", "sep", "pad", "mask")
         self.special_set = sorted(set(self.special.values()))
         self.pair = self.data.sentence_task != "none"
+        self.predictions = max_predictions(self.data)
 
     def _sentences(self, record: Record) -> list[np.ndarray]:
         return [self.tokenizer.encode(s).astype(np.int32) for s in masking.split_sentences(record["document"])]
@@ -64,7 +65,13 @@ class MaskedExamples:
         inputs, targets, weights = masking.mask_tokens(
             row["inputs"], rng, vocab_size=self.tokenizer.vocab_size, mask_id=special["mask"],
             special_ids=self.special_set, probability=data.mlm_probability, word_starts=starts)
-        return {"inputs": inputs, "targets": targets, "mlm_weights": weights, "token_types": row["token_types"],
+        chosen = np.flatnonzero(weights)[:self.predictions]  # the rare surplus of whole-word masking is dropped
+        positions = np.zeros(self.predictions, np.int32)
+        positions[:len(chosen)] = chosen
+        mlm_weights = np.zeros(self.predictions, np.float32)
+        mlm_weights[:len(chosen)] = 1.0
+        return {"inputs": inputs, "mlm_positions": positions, "targets": targets[positions] * (mlm_weights > 0),
+                "mlm_weights": mlm_weights, "token_types": row["token_types"],
                 "segment_ids": row["segment_ids"], "sentence_labels": np.int32(label),
                 "sentence_weights": np.float32(self.pair)}
 
@@ -72,6 +79,12 @@ class MaskedExamples:
         rng = np.random.default_rng((self.data.seed, _MLM_STREAM, index))
         budget = self.data.seq_len - (3 if self.pair else 2)
         return [self._row(chunk, rng) for chunk in masking.group_sentences(self._sentences(record), budget)]
+
+
+def max_predictions(data: Any) -> int:
+    """Masked positions a row holds (BERT's max_predictions_per_seq): the masking budget plus a margin for
+    whole words."""
+    return min(data.seq_len, math.ceil(data.seq_len * data.mlm_probability * 1.25) + 1)
 
 
 class _Flatten(grain.experimental.FlatMapTransform):
@@ -106,15 +119,16 @@ class MaskedLM(Task):
         return grain.experimental.FlatMapIterDataset(examples.to_iter_dataset(context.read_options), _Flatten())
 
     def batch_spec(self) -> dict[str, Field]:
-        seq_len = self.config.data.seq_len
-        return {"inputs": token_field(seq_len), "targets": token_field(seq_len),
-                "mlm_weights": token_field(seq_len, np.float32), "token_types": token_field(seq_len),
+        seq_len, predictions = self.config.data.seq_len, max_predictions(self.config.data)
+        return {"inputs": token_field(seq_len), "mlm_positions": Field((predictions,), np.int32, ("predictions",)),
+                "targets": Field((predictions,), np.int32, ("predictions",)),
+                "mlm_weights": Field((predictions,), np.float32, ("predictions",)), "token_types": token_field(seq_len),
                 "segment_ids": token_field(seq_len), "sentence_labels": Field((), np.int32, ()),
                 "sentence_weights": Field((), np.float32, ())}
 
     def model_inputs(self, batch: Batch) -> dict[str, jax.Array | None]:
         return {"tokens_BT": batch["inputs"], "segment_ids_BT": batch["segment_ids"],
-                "token_types_BT": batch["token_types"]}
+                "token_types_BT": batch["token_types"], "prediction_positions_BP": batch["mlm_positions"]}
 
     def loss_weights(self, batch: Batch) -> dict[str, jax.Array]:
         weights = {"mlm": jnp.sum(batch["mlm_weights"])}

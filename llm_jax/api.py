@@ -1,0 +1,176 @@
+"""Python API over a work directory: `llm_jax.load(DIR)` gives the run's model, tokenizer and weights with
+methods that take plain texts.
+
+    import llm_jax
+    model = llm_jax.load("runs/minilm")          # e.g. written by python -m llm_jax.convert --from=hf
+    vectors = model.sentence_embeddings(["A man is eating.", "Someone eats food."])   # [2, d_model]
+
+Texts are encoded as transformers' tokenizer(texts, padding=True, truncation=True) encodes them: for
+tokenizers with [CLS]/[SEP] (WordPiece), "[CLS] text [SEP]" or, for a (text_a, text_b) pair,
+"[CLS] a [SEP] b [SEP]" with token type 1 on b; the plain ids otherwise (decoders). Rows are padded with
+the pad id to the longest and cut to model.max_len. The forward is one jitted function on one device, run
+over chunks of `chunk_rows` texts.
+
+Shape letters: B texts, T tokens, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from llm_jax.models.model_config import ModelConfig
+
+Text = Union[str, tuple[str, str]]  # one text, or a sentence pair
+CHUNK_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedBatch:
+    """Padded model inputs: token ids, 1 on real tokens / 0 on padding, token types (0 = text a, 1 = b)."""
+
+    ids_BT: np.ndarray
+    mask_BT: np.ndarray
+    token_types_BT: np.ndarray
+
+
+def _truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Drops tokens from the end of the longer text until both fit `budget` (transformers' longest_first)."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > budget:
+        if len(a) > len(b):
+            a.pop()
+        else:
+            b.pop()
+    return a, b
+
+
+def _select(outputs: Any, mask_BT: jax.Array, what: str) -> jax.Array:
+    """The part of the model's outputs a method returns; XLA drops what is not selected."""
+    if what == "hidden":
+        return outputs.hidden_BTD.astype(jnp.float32)
+    if what == "pooled":
+        return outputs.pooled_BD.astype(jnp.float32)
+    if what == "mean":  # sentence-transformers' mean pooling, then normalize(p=2, eps=1e-12)
+        mask_BT1 = mask_BT[:, :, None].astype(jnp.float32)
+        sums_BD = jnp.sum(outputs.hidden_BTD.astype(jnp.float32) * mask_BT1, axis=1)
+        mean_BD = sums_BD / jnp.maximum(jnp.sum(mask_BT1, axis=1), 1e-9)
+        return mean_BD / jnp.maximum(jnp.linalg.norm(mean_BD, axis=-1, keepdims=True), 1e-12)
+    return outputs.heads[what]  # a head's output, e.g. "mlm" logits
+
+
+class LoadedModel:
+    """A run's model with its weights: `.config` (the run's ConfigDict), `.model_config`, `.tokenizer`,
+    `.params` (device arrays), and methods from texts to numpy arrays."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model_config: ModelConfig, tokenizer: Any, params: Any,
+                 model: Any, mesh: Any, rules: Any, chunk_rows: int = CHUNK_ROWS):
+        self.config, self.model_config, self.tokenizer, self.params = config, model_config, tokenizer, params
+        self.chunk_rows = chunk_rows
+        self._model, self._mesh, self._rules = model, mesh, rules
+        self._forward = jax.jit(self._forward_chunk, static_argnames="what")
+
+    # ------------------------------------------------------------------------- inputs
+
+    def _special(self, name: str) -> int | None:
+        return getattr(self.tokenizer, "special_ids", {}).get(name)
+
+    def _frame(self, text: Text) -> tuple[list[int], list[int]]:
+        """(ids, token types) of one text or pair: with [CLS]/[SEP] when the tokenizer has them."""
+        a, b = (text, None) if isinstance(text, str) else text
+        ids_a = [int(i) for i in self.tokenizer.encode(a)]
+        ids_b = None if b is None else [int(i) for i in self.tokenizer.encode(b)]
+        cls, sep = self._special("cls"), self._special("sep")
+        if cls is None or sep is None:
+            ids = (ids_a + (ids_b or []))[:self.model_config.max_len]
+            return ids, [0] * len(ids)
+        if ids_b is None:
+            ids_a = ids_a[:self.model_config.max_len - 2]
+            return [cls] + ids_a + [sep], [0] * (len(ids_a) + 2)
+        ids_a, ids_b = _truncate_pair(ids_a, ids_b, self.model_config.max_len - 3)
+        return [cls] + ids_a + [sep] + ids_b + [sep], [0] * (len(ids_a) + 2) + [1] * (len(ids_b) + 1)
+
+    def encode(self, texts: Text | Sequence[Text]) -> EncodedBatch:
+        """The padded ids, mask and token types of `texts` (a text, a (text_a, text_b) pair, or a list)."""
+        texts = [texts] if isinstance(texts, (str, tuple)) else list(texts)
+        if not texts:
+            raise ValueError("no texts given: pass a string or a non-empty list of strings")
+        framed = [self._frame(text) for text in texts]
+        length = max(len(ids) for ids, _ in framed)
+        pad = self._special("pad") or 0
+        ids_BT = np.full((len(texts), length), pad, np.int32)
+        mask_BT = np.zeros((len(texts), length), np.int32)
+        types_BT = np.zeros((len(texts), length), np.int32)
+        for row, (ids, types) in enumerate(framed):
+            ids_BT[row, :len(ids)], mask_BT[row, :len(ids)], types_BT[row, :len(ids)] = ids, 1, types
+        return EncodedBatch(ids_BT, mask_BT, types_BT)
+
+    # ------------------------------------------------------------------------- forward
+
+    def _forward_chunk(self, params: Any, ids_BT: jax.Array, mask_BT: jax.Array, types_BT: jax.Array,
+                       what: str) -> jax.Array:
+        # Positions count 0..T-1 over the padding too (as transformers does), so padding rows match it.
+        positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+        token_types_BT = types_BT if self.model_config.type_vocab_size else None
+        outputs = self._model.apply({"params": params}, ids_BT, positions_BT, mask_BT, token_types_BT,
+                                    deterministic=True)
+        return _select(outputs, mask_BT, what)
+
+    def _run(self, texts: Text | Sequence[Text], what: str) -> np.ndarray:
+        import flax.linen as nn
+
+        batch = self.encode(texts)
+        chunks = []
+        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+            for start in range(0, len(batch.ids_BT), self.chunk_rows):
+                rows = slice(start, start + self.chunk_rows)
+                chunks.append(np.asarray(self._forward(self.params, batch.ids_BT[rows], batch.mask_BT[rows],
+                                                       batch.token_types_BT[rows], what=what)))
+        return np.concatenate(chunks)
+
+    def hidden_states(self, texts: Text | Sequence[Text]) -> np.ndarray:
+        """Final hidden states [B, T, D] (float32), padding positions included (see `encode` for the mask)."""
+        return self._run(texts, "hidden")
+
+    def pooled(self, texts: Text | Sequence[Text]) -> np.ndarray:
+        """The model's pooled output [B, D]: BERT's pooler, tanh(dense(hidden state of [CLS]))."""
+        if not self.model_config.pooler:
+            raise ValueError(f"this model has no pooler (model.pooler=False, family {self.model_config.family!r}); "
+                             "use sentence_embeddings (mean of the hidden states) instead")
+        return self._run(texts, "pooled")
+
+    def sentence_embeddings(self, texts: Text | Sequence[Text]) -> np.ndarray:
+        """[B, D]: the mean of the hidden states over real tokens, L2-normalised (what sentence-transformers
+        returns for all-MiniLM-L6-v2)."""
+        return self._run(texts, "mean")
+
+    def logits(self, texts: Text | Sequence[Text]) -> np.ndarray:
+        """[B, T, V] logits of the model's (masked) language-model head over the real vocabulary."""
+        head = next((name for name in ("mlm", "lm") if name in self.model_config.heads), None)
+        if head is None:
+            raise ValueError(f"this model has no language-model head (heads {list(self.model_config.heads)}); "
+                             "logits need an mlm or lm head, e.g. a BertForPreTraining import")
+        return self._run(texts, head)[..., :self.model_config.vocab_size]
+
+
+def load(workdir: str) -> LoadedModel:
+    """The model of a work directory (a training run, or an import by llm_jax.convert) at its latest
+    checkpoint, on the first device."""
+    from llm_jax.training.checkpoint import Checkpointer
+    from llm_jax.training.run import build_run, read_run_config
+
+    config, model_config = read_run_config(workdir)
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    run = build_run(config, workdir, devices=jax.devices()[:1], saved_model_config=model_config, with_data=False)
+    checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
+    try:
+        with jax.set_mesh(run.mesh), run.rules_context():
+            state, _ = checkpointer.restore(None, run.abstract_state)
+    finally:
+        checkpointer.close()
+    return LoadedModel(run.config, run.model_config, run.tokenizer, state.params, run.model, run.mesh, run.rules)
