@@ -24,21 +24,24 @@ _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "batches to evaluate, -1 
 flags.mark_flag_as_required("workdir")
 
 
-def evaluate_checkpoint(workdir: str, split: str | None, eval_steps: int | None) -> tuple[int, dict[str, float]]:
-    """(step, metrics) of the latest checkpoint; the metric names carry the split unless it is the run's
-    evaluation split (data.eval_split)."""
+def evaluate_checkpoint(workdir: str, split: str | None, eval_steps: int | None
+                        ) -> tuple[int, dict[str, float], str]:
+    """(step, metrics, the task's report, e.g. per-class precision/recall) of the latest checkpoint; the metric
+    names carry the split unless it is the run's evaluation split (data.eval_split)."""
     run = build_saved_run(workdir, with_data=True)
     split = split or run.config.data.eval_split
     checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
     try:
         with jax.set_mesh(run.mesh), run.rules_context():
             state, _ = checkpointer.restore(None, run.abstract_state)
-            metrics = Evaluator(run).evaluate(state.params, split, eval_steps or run.config.train.eval_steps)
+            evaluator = Evaluator(run)
+            metrics = evaluator.evaluate(state.params, split, eval_steps or run.config.train.eval_steps)
+            report = run.task.report(evaluator.last_sums)
     finally:
         checkpointer.close()
     if split != run.config.data.eval_split:
         metrics = {key.replace("eval/", f"eval_{split}/"): value for key, value in metrics.items()}
-    return int(state.step), metrics
+    return int(state.step), metrics, report
 
 
 def main(argv: list[str]) -> None:
@@ -47,11 +50,13 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
 
     def evaluate_and_report() -> None:
-        step, metrics = evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _EVAL_STEPS.value)
+        step, metrics, report = evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _EVAL_STEPS.value)
         writer = MetricsWriter(_WORKDIR.value)
         writer.write(step, metrics)
         writer.close()
         logging.info("step %d | %s", step, metrics)
+        if report:
+            logging.info("step %d, split %s:\n%s", step, _SPLIT.value or "evaluation", report)
         print(json.dumps({"step": step, **metrics}))
 
     run_reporting_errors(evaluate_and_report, (ConfigError, FileNotFoundError, ValueError))

@@ -116,7 +116,7 @@ def test_merge_copies_shared_keeps_new_heads_and_reports_dropped():
 
 
 def test_merge_rejects_another_family():
-    with pytest.raises(ConfigError, match="train.init_from=/runs/gpt holds a decoder model; this run is a encoder"):
+    with pytest.raises(ConfigError, match="train.init_from=/runs/gpt holds a model of family 'decoder'; this run's model.family is 'encoder'"):
         merge_params(_encoder_params(1), _encoder_params(2), target_family="encoder", source_family="decoder",
                      source_dir="/runs/gpt")
 
@@ -163,5 +163,5 @@ def test_init_params_from_reads_and_merges(tmp_path):
     np.testing.assert_array_equal(merged["block_1"]["mlp"]["down"]["kernel"],
                                   _encoder_params(3)["block_1"]["mlp"]["down"]["kernel"])
     assert "nsp_head/kernel" in report["dropped"] and "classifier/kernel" in report["new"]
-    with pytest.raises(ConfigError, match="holds a encoder model; this run is a decoder model"):
+    with pytest.raises(ConfigError, match="holds a model of family 'encoder'; this run's model.family is 'decoder'"):
         init_params_from(workdir, target, _model_config(family="decoder"))

@@ -124,8 +124,8 @@ def merge_params(target: Any, source: Mapping[str, Any], *, target_family: str, 
     or nothing shared.
     """
     if source_family != target_family:
-        raise ConfigError(f"train.init_from={source_dir} holds a {source_family} model; this run is a "
-                          f"{target_family} model (model.family)")
+        raise ConfigError(f"train.init_from={source_dir} holds a model of family {source_family!r}; this run's "
+                          f"model.family is {target_family!r}: start from a work directory of the same family")
     flat_source = {param_path(key_path): leaf for key_path, leaf in jax.tree_util.tree_leaves_with_path(source)}
     report: dict[str, list[str]] = {"loaded": [], "resized": [], "new": [], "dropped": []}
 
@@ -162,8 +162,11 @@ def init_params_from(workdir: str, target: Any, model_config: ModelConfig) -> tu
 def check_init_from(workdir: str, family: str) -> None:
     """Before anything is built: train.init_from names a work directory with a checkpoint of this family."""
     root = epath.Path(workdir)
+    if not root.is_dir():
+        raise ConfigError(f"train.init_from={workdir} is not a directory: give a work directory written by "
+                          "llm_jax.train or llm_jax.convert")
     source_family = _read_model_config(root, workdir).get("family", "decoder")
     _latest_state_dir(root, workdir)
     if source_family != family:
-        raise ConfigError(f"train.init_from={workdir} holds a {source_family} model; this run is a {family} model "
-                          "(model.family): start from a work directory of the same family")
+        raise ConfigError(f"train.init_from={workdir} holds a model of family {source_family!r}; this run's "
+                          f"model.family is {family!r}: start from a work directory of the same family")
