@@ -8,9 +8,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llm_jax import config as config_lib
-from llm_jax.sharding import batch_sharding, global_batch
-from llm_jax.training.run import build_run
-from llm_jax.training.run import model_inputs_fn
+from configs.encoders import BERT_ARCHITECTURE
+from llm_jax.sharding import batch_shardings, global_batch
+from llm_jax.training.run import build_run, model_inputs_fn
 from llm_jax.training.state import init_state
 from llm_jax.training.steps import make_train_step
 
@@ -35,11 +35,11 @@ def _one_step(config, workdir, devices):
     run = build_run(config, str(workdir), devices=devices)
     with jax.set_mesh(run.mesh), run.rules_context():
         state = init_state(run.model, run.tx, model_inputs_fn(run.task), 0, run.shardings)
+        shardings = batch_shardings(run.mesh, run.rules, run.task.batch_spec(), stacked=False)
         step = jax.jit(make_train_step(run.model, run.task, run.tx, run.schedule, 1, use_dropout=False),
-                       in_shardings=(run.shardings, batch_sharding(run.mesh, run.rules, stacked=False)),
-                       out_shardings=(run.shardings, None))
+                       in_shardings=(run.shardings, shardings), out_shardings=(run.shardings, None))
         local = {k: v[0] for k, v in run.data.train.next_chunk(1).items()}
-        batch = global_batch(local, batch_sharding(run.mesh, run.rules, stacked=False), 0, config.train.batch_size)
+        batch = global_batch(local, shardings, 0, config.train.batch_size)
         new_state, metrics = step(state, batch)
     return new_state, jax.device_get(metrics)
 
@@ -71,6 +71,43 @@ def test_sharded_step_matches_single_device(mesh, text_file, reference, tmp_path
         # Relative error of each tensor: Adam's first update is lr * g / (|g| + eps), so single elements with
         # gradients near eps amplify reduction-order rounding; the tensor as a whole must agree to 1e-5.
         error = np.linalg.norm(flat_new[path] - value) / np.linalg.norm(value)
+        assert error < 1e-5, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"
+
+
+def _encoder_config(text_path, tfds_dir, **mesh):
+    """A tiny BERT (MLM + NSP, token types, pooler) on the grain pipeline: [batch] label arrays and [batch, P]
+    prediction positions shard beside [batch, seq] tokens."""
+    config = config_lib.default_config()
+    config.model.update(**BERT_ARCHITECTURE)
+    config.model.update(num_layers=2, num_heads=4, d_model=32, d_ff=64, max_len=24)
+    config.data.update(path=str(text_path), split_by="line", objective="masked_lm", tokenizer="sentencepiece",
+                       tokenizer_vocab_size=320, seq_len=24, tfds_data_dir=str(tfds_dir))
+    config.train.update(batch_size=8, steps=10)
+    config.optimizer.update(warmup_steps=0)
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    config.mesh.update(**mesh)
+    return config
+
+
+def test_sharded_encoder_step_matches_single_device(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa"]
+    lines = [". ".join(" ".join(rng.choice(words, size=5)) for _ in range(3)) + "." for _ in range(300)]
+    text_path = tmp_path / "sentences.txt"
+    text_path.write_text("\n".join(lines))
+    workdir = tmp_path / "run"  # one work directory: both runs use the tokenizer the first one trained
+    reference, ref_metrics = _one_step(_encoder_config(text_path, tmp_path), workdir, jax.devices()[:1])
+    state, metrics = _one_step(_encoder_config(text_path, tmp_path, data=2, fsdp=2, tensor=2), workdir,
+                               jax.devices())
+    np.testing.assert_allclose(metrics["train/loss"], ref_metrics["train/loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["train/grad_norm"], ref_metrics["train/grad_norm"], rtol=1e-5)
+    assert state.params["mlm_head"]["output_bias"].sharding.spec == P("tensor")
+    new_params = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)))
+    for path, value in jax.tree_util.tree_leaves_with_path(jax.device_get(reference.params)):
+        if jax.tree_util.keystr(path).endswith("['key']['bias']"):
+            continue  # an exactly-zero gradient in theory: Adam amplifies its rounding noise (see _config)
+        new = new_params[path]
+        error = np.linalg.norm(new - value) / max(np.linalg.norm(value), 1e-12)
         assert error < 1e-5, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"
 
 
