@@ -161,16 +161,10 @@ class LoadedModel:
 def load(workdir: str) -> LoadedModel:
     """The model of a work directory (a training run, or an import by llm_jax.convert) at its latest
     checkpoint, on the first device."""
-    from llm_jax.training.checkpoint import Checkpointer
-    from llm_jax.training.run import build_run, read_run_config
+    from llm_jax.training.run import build_run, read_run_config, restore_latest_params
 
     config, model_config = read_run_config(workdir)
     config.mesh.update(data=1, fsdp=1, tensor=1)
     run = build_run(config, workdir, devices=jax.devices()[:1], saved_model_config=model_config, with_data=False)
-    checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
-    try:
-        with jax.set_mesh(run.mesh), run.rules_context():
-            state, _ = checkpointer.restore(None, run.abstract_state)
-    finally:
-        checkpointer.close()
-    return LoadedModel(run.config, run.model_config, run.tokenizer, state.params, run.model, run.mesh, run.rules)
+    _, params = restore_latest_params(run)
+    return LoadedModel(run.config, run.model_config, run.tokenizer, params, run.model, run.mesh, run.rules)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 from ml_collections import config_dict

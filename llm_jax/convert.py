@@ -233,18 +233,12 @@ def import_hf(src: str, workdir: str, vocab_pad_multiple: int = 128, data_path: 
 
 def _restore_params(workdir: str) -> tuple[Any, Any]:
     """(run, params of the latest checkpoint) of the work directory, as generate does."""
-    from llm_jax.training.checkpoint import Checkpointer
-    from llm_jax.training.run import build_saved_run
+    from llm_jax.training.run import build_saved_run, restore_latest_params
 
     run = build_saved_run(workdir, with_data=False)
-    checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
-    try:
-        with jax.set_mesh(run.mesh), run.rules_context():
-            state, _ = checkpointer.restore(None, run.abstract_state)
-    finally:
-        checkpointer.close()
-    logging.info("exporting step %d of %s", int(state.step), workdir)
-    return run, jax.device_get(state.params)
+    step, params = restore_latest_params(run)
+    logging.info("exporting step %d of %s", step, workdir)
+    return run, jax.device_get(params)
 
 
 def _write_vocab(tokenizer: Any, dst: str) -> None:

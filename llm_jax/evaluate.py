@@ -12,10 +12,9 @@ from absl import app, flags, logging
 
 from llm_jax.cli import quiet_library_logs, run_reporting_errors
 from llm_jax.config import ConfigError
-from llm_jax.training.checkpoint import Checkpointer
 from llm_jax.training.evaluation import Evaluator
 from llm_jax.training.metrics import MetricsWriter
-from llm_jax.training.run import build_saved_run
+from llm_jax.training.run import build_saved_run, restore_latest_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by llm_jax.train")
 _SPLIT = flags.DEFINE_string("split", None, "split to evaluate (default: the run's data.eval_split)")
@@ -30,18 +29,14 @@ def evaluate_checkpoint(workdir: str, split: str | None, eval_steps: int | None
     names carry the split unless it is the run's evaluation split (data.eval_split)."""
     run = build_saved_run(workdir, with_data=True)
     split = split or run.config.data.eval_split
-    checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
-    try:
-        with jax.set_mesh(run.mesh), run.rules_context():
-            state, _ = checkpointer.restore(None, run.abstract_state)
-            evaluator = Evaluator(run)
-            metrics = evaluator.evaluate(state.params, split, eval_steps or run.config.train.eval_steps)
-            report = run.task.report(evaluator.last_sums)
-    finally:
-        checkpointer.close()
+    step, params = restore_latest_params(run)
+    with jax.set_mesh(run.mesh), run.rules_context():
+        evaluator = Evaluator(run)
+        metrics = evaluator.evaluate(params, split, eval_steps or run.config.train.eval_steps)
+        report = run.task.report(evaluator.last_sums)
     if split != run.config.data.eval_split:
         metrics = {key.replace("eval/", f"eval_{split}/"): value for key, value in metrics.items()}
-    return int(state.step), metrics, report
+    return step, metrics, report
 
 
 def main(argv: list[str]) -> None:

@@ -12,8 +12,7 @@ from absl import app, flags, logging
 
 from llm_jax.cli import quiet_library_logs, run_reporting_errors
 from llm_jax.decoding.sampling import SamplingConfig, lm_logits, sample
-from llm_jax.training.checkpoint import Checkpointer
-from llm_jax.training.run import build_saved_run
+from llm_jax.training.run import build_saved_run, restore_latest_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by llm_jax.train")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "text to continue")
@@ -28,16 +27,15 @@ flags.mark_flag_as_required("workdir")
 def generate_text(workdir: str, prompt: str, sampling: SamplingConfig) -> str:
     """The prompt's continuation (without the prompt) from the latest checkpoint in `workdir`."""
     run = build_saved_run(workdir, with_data=False)
-    checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
-    try:
-        with jax.set_mesh(run.mesh), run.rules_context():
-            state, _ = checkpointer.restore(None, run.abstract_state)
-            logging.info("sampling from step %d of %s", int(state.step), workdir)
-            prompt_ids = [int(i) for i in run.tokenizer.encode(prompt)]
-            tokens = sample(lm_logits(run.model), state.params, prompt_ids, max_len=run.model_config.max_len,
-                            vocab_size=run.model_config.vocab_size, sampling=sampling)
-    finally:
-        checkpointer.close()
+    if "lm" not in run.model_config.heads:
+        raise ValueError(f"{workdir} holds a {run.model_config.family} model without a language-model head: "
+                         "generate samples from causal LMs (model.family=decoder)")
+    step, params = restore_latest_params(run)
+    logging.info("sampling from step %d of %s", step, workdir)
+    prompt_ids = [int(i) for i in run.tokenizer.encode(prompt)]
+    with jax.set_mesh(run.mesh), run.rules_context():
+        tokens = sample(lm_logits(run.model), params, prompt_ids, max_len=run.model_config.max_len,
+                        vocab_size=run.model_config.vocab_size, sampling=sampling)
     logging.info("sampled %d tokens after a %d-token prompt", len(tokens) - len(prompt_ids), len(prompt_ids))
     return run.tokenizer.decode(tokens[len(prompt_ids):])
 

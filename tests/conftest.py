@@ -8,6 +8,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import atexit  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -39,3 +42,20 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
     return env
+
+
+def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(workdir) -> list[dict]:
+    """The records of DIR/metrics.jsonl."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final(records: list[dict], key: str) -> float:
+    """The last logged value of a metric."""
+    return [r[key] for r in records if key in r][-1]

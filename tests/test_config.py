@@ -56,7 +56,7 @@ def test_docs_config_reference_is_current():
     ({"train.batch_size": 12, "mesh.data": 8}, 8, r"train.batch_size=12 .* not divisible by mesh.data\*mesh.fsdp=8"),
     ({"model.num_heads": 5}, 1, "model.num_heads=5 does not divide model.d_model=128"),
     ({"model.num_kv_heads": 3}, 1, "model.num_kv_heads=3 must divide model.num_heads=4"),
-    ({"model.positional": "alibi"}, 1, "model.positional='alibi' is not one of"),
+    ({"model.positional": "t5_buckets"}, 1, "model.positional='t5_buckets' is not one of"),
     ({"optimizer.schedule": "cosin"}, 1, "optimizer.schedule='cosin' is not one of"),
     ({"optimizer.grad_accum_steps": 5}, 1, "not divisible by optimizer.grad_accum_steps=5"),
     ({"data.seq_len": 128}, 1, "data.seq_len=128 exceeds model.max_len=64"),

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, final, metrics, run_module, subprocess_env
 
 QUICK = ["--config=experiments/python_docs.py:quick"]
 ENCODER_KEYS = dict(family="encoder", norm_position="post", type_vocab_size=2, embedding_norm=True, pooler=True,
@@ -30,20 +30,6 @@ MLM = ["--config.data.objective=masked_lm", "--config.data.sentence_task=nsp", *
 RESUME_ARGS = ["--config.train.steps=60", "--config.train.steps_per_dispatch=2", "--config.train.log_every=10",
                "--config.train.eval_every=30", "--config.train.checkpoint_every=20"]
 EMBEDDINGS = ("token_embedding", "position_embedding", "token_type_embedding", "embedding_norm")
-
-
-def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def metrics(workdir) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def final(records: list[dict], key: str) -> float:
-    return [r[key] for r in records if key in r][-1]
 
 
 def flat(params: dict, prefix: str = "") -> dict[str, np.ndarray]:

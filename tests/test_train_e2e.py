@@ -10,25 +10,11 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, shared_data_file, subprocess_env
+from conftest import REPO_ROOT, final, metrics, run_module, shared_data_file, subprocess_env
 
 QUICK = ["--config=experiments/python_docs.py:quick"]
 RESUME_ARGS = ["--config.train.steps=300", "--config.train.steps_per_dispatch=2", "--config.train.log_every=10",
                "--config.train.eval_every=100", "--config.train.checkpoint_every=100"]
-
-
-def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def metrics(workdir) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def final(records: list[dict], key: str) -> float:
-    return [r[key] for r in records if key in r][-1]
 
 
 @pytest.fixture(scope="module")

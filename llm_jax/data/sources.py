@@ -17,12 +17,15 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TYPE_CHECKING
 
 import ml_collections
 
 from llm_jax.config import ConfigError
 from llm_jax.registry import Registry
+
+if TYPE_CHECKING:
+    from llm_jax.data.tfds_sources import LocalSource
 
 Record = dict[str, Any]
 TEST_SPLIT = "test"  # the split data.test_path is read as (evaluate --split=test)

@@ -94,27 +94,23 @@ class SentencePairHead(nn.Module):
 
 
 class SequenceClassifier(nn.Module):
-    """num_labels logits from the pooled output (dropout first, as BERT fine-tuning does)."""
+    """num_labels logits from the pooled output (dropout first, as BERT fine-tuning does); per token from the
+    hidden states in the token classifier (the CRF's emissions when model.crf)."""
 
     config: ModelConfig
+    per_token = False
 
     @nn.compact
     def __call__(self, hidden_BTD, pooled_BD, embedding, deterministic: bool) -> jax.Array:
         cfg = self.config
-        x_BD = nn.Dropout(cfg.dropout)(pooled_BD, deterministic=deterministic)
-        return linear(self, cfg, x_BD, cfg.num_labels)
+        x = nn.Dropout(cfg.dropout)(hidden_BTD if self.per_token else pooled_BD, deterministic=deterministic)
+        return linear(self, cfg, x, cfg.num_labels)
 
 
-class TokenClassifier(nn.Module):
-    """num_labels logits per token (the CRF's emissions when model.crf)."""
+class TokenClassifier(SequenceClassifier):
+    """num_labels logits per token."""
 
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, hidden_BTD, pooled_BD, embedding, deterministic: bool) -> jax.Array:
-        cfg = self.config
-        x_BTD = nn.Dropout(cfg.dropout)(hidden_BTD, deterministic=deterministic)
-        return linear(self, cfg, x_BTD, cfg.num_labels)
+    per_token = True
 
 
 class CRFTransitions(nn.Module):

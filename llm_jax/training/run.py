@@ -156,3 +156,17 @@ def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, ModelConfi
     with open(path) as f:
         payload: dict[str, Any] = json.load(f)
     return config_lib.config_from_dict(payload["config"]), model_config_from_json(payload["model_config"])
+
+
+def restore_latest_params(run: Run) -> tuple[int, Any]:
+    """(step, params) of the run's latest checkpoint, on the run's mesh (what evaluate, generate, convert and
+    llm_jax.load read; the data-iterator state is not needed)."""
+    from llm_jax.training.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
+    try:
+        with jax.set_mesh(run.mesh), run.rules_context():
+            state, _ = checkpointer.restore(None, run.abstract_state)
+    finally:
+        checkpointer.close()
+    return int(state.step), state.params
