@@ -39,6 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         eval_steps=-1, checkpoint_every=200, steps_per_dispatch=10)
     config.optimizer.update(learning_rate=1e-4, warmup_steps=40, min_learning_rate=0.0, weight_decay=0.01,
                             schedule="linear", b2=0.999)
+    if config.model.crf:  # the transition scores start at zero beside a pretrained encoder: let them move
+        config.optimizer.lr_multipliers = (("crf/.*", 100.0),)
     if arg and arg.startswith("quick"):
         config.data.seq_len = 32
         config.train.update(steps=4, batch_size=8, log_every=2, eval_every=0, eval_steps=2, checkpoint_every=0,

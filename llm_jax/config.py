@@ -146,6 +146,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "eps": Key(1e-8, "Adam epsilon"),
         "grad_clip_norm": Key(1.0, "global-norm gradient clipping (0 = off)"),
         "grad_accum_steps": Key(1, "micro-batches accumulated into one update"),
+        "lr_multipliers": Key((), "learning-rate factors by parameter path: (regex, factor) pairs, e.g. "
+                                  "(('crf/.*', 100.0),) for a CRF layer that starts at zero beside a pretrained encoder"),
         "layer_decay": Key(1.0, "layer-wise learning-rate decay: block i of L gets learning_rate * layer_decay^(L-i), "
                                 "embeddings layer_decay^(L+1), heads 1 (1 = off)"),
     },

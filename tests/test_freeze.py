@@ -234,3 +234,22 @@ def test_frozen_state_maps_params_like_shardings_with_masked_nodes_kept():
     assert jax.tree.structure(mapped) == jax.tree.structure(jax.tree.map(lambda _: "x", state))
     assert sum(leaf == "param" for leaf in jax.tree.leaves(mapped)) == 2 * sum(
         not p.startswith(("token_embedding/", "position_embedding/")) for p in _paths(shapes))
+
+
+def test_lr_multipliers_scale_the_matching_updates():
+    """optimizer.lr_multipliers: a factor on the updates of the parameters a path regex matches (e.g. a CRF
+    that starts at zero beside a pretrained encoder), combined with layer decay."""
+    shapes = _model_shapes()
+    params = _filled(shapes, 0, 0.02)
+    lr = 1e-3
+    opt = _opt(learning_rate=lr, weight_decay=0.0, grad_clip_norm=0.0, eps=1e-12, layer_decay=0.5,
+               lr_multipliers=(("output_head/.*", 100.0), ("block_1/mlp/.*", 3.0)))
+    tx, _ = build_optimizer(opt, 100, shapes, num_layers=NUM_LAYERS)
+    new = _paths(_run(tx, params, [jax.tree.map(jnp.ones_like, params)]))
+    old = _paths(jax.device_get(params))
+    for path, scale in (("output_head/dense/kernel", 100.0), ("block_1/mlp/up/kernel", 1.5),
+                        ("block_1/attention/query/kernel", 0.5), ("block_0/mlp/up/kernel", 0.25)):
+        np.testing.assert_allclose(new[path] - old[path], -lr * scale, rtol=1e-4, err_msg=path)
+    for bad, message in (((("nothing/.*", 2.0),), "matches no parameter"), (((".*", -1.0),), "factor > 0")):
+        with pytest.raises(ConfigError, match=message):
+            build_optimizer(_opt(lr_multipliers=bad), 100, shapes, num_layers=NUM_LAYERS)

@@ -165,13 +165,39 @@ def layer_scales(params: optax.Params, num_layers: int, decay: float) -> optax.P
         lambda key_path, _: _layer_scale(param_path(key_path), num_layers, decay), params)
 
 
-def scale_by_layer(num_layers: int, decay: float) -> optax.GradientTransformation:
-    """Multiplies each update by its layer scale (see `layer_scales`); stateless, and it reads the scale from
-    the parameter path, so it also works inside `optax.multi_transform` (whose masked leaves it skips)."""
+def _path_scale(path: str, num_layers: int, decay: float, multipliers: Sequence[tuple[str, float]]) -> float:
+    scale = _layer_scale(path, num_layers, decay)
+    for pattern, factor in multipliers:
+        if re.fullmatch(pattern, path):
+            scale *= factor
+    return scale
+
+
+def check_lr_multipliers(params: optax.Params, multipliers: Sequence[tuple[str, float]]) -> None:
+    """Each optimizer.lr_multipliers entry is a (regex, factor > 0) pair whose regex matches some parameter."""
+    paths = [param_path(key_path) for key_path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for entry in multipliers:
+        if len(entry) != 2 or not isinstance(entry[1], (int, float)) or entry[1] <= 0:
+            raise ConfigError(f"optimizer.lr_multipliers entry {entry!r} must be a (path regex, factor > 0) pair, "
+                              "e.g. ('crf/.*', 100.0)")
+        try:
+            matched = any(re.fullmatch(entry[0], path) for path in paths)
+        except re.error as error:
+            raise ConfigError(f"optimizer.lr_multipliers regex {entry[0]!r} is invalid ({error})") from None
+        if not matched:
+            raise ConfigError(f"optimizer.lr_multipliers regex {entry[0]!r} matches no parameter; top-level "
+                              f"parameters are {', '.join(sorted(params))}")
+
+
+def scale_by_layer(num_layers: int, decay: float,
+                   multipliers: Sequence[tuple[str, float]] = ()) -> optax.GradientTransformation:
+    """Multiplies each update by its layer scale (see `layer_scales`) and by the factors of the
+    optimizer.lr_multipliers regexes its path matches; stateless, and it reads the scale from the parameter
+    path, so it also works inside `optax.multi_transform` (whose masked leaves it skips)."""
     def update(updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None):
         scaled = jax.tree_util.tree_map_with_path(
-            lambda key_path, u: u * jnp.asarray(_layer_scale(param_path(key_path), num_layers, decay), u.dtype),
-            updates)
+            lambda key_path, u: u * jnp.asarray(_path_scale(param_path(key_path), num_layers, decay, multipliers),
+                                                u.dtype), updates)
         return scaled, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -204,8 +230,9 @@ def _adamw_chain(opt: ml_collections.ConfigDict, schedule: optax.Schedule,
                         mask=decay_mask)
     parts = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
     parts.append(adamw)
-    if opt.layer_decay != 1.0:
-        parts.append(scale_by_layer(num_layers, opt.layer_decay))
+    multipliers = tuple((str(entry[0]), float(entry[1])) for entry in opt.lr_multipliers)
+    if opt.layer_decay != 1.0 or multipliers:
+        parts.append(scale_by_layer(num_layers, opt.layer_decay, multipliers))
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
@@ -229,6 +256,8 @@ def build_optimizer(opt: ml_collections.ConfigDict, total_steps: int, params: op
         num_layers = _count_blocks(params)
     if opt.layer_decay != 1.0 and num_layers <= 0:
         raise ValueError("build_optimizer needs num_layers (or params) when optimizer.layer_decay != 1")
+    if opt.lr_multipliers and params is not None:
+        check_lr_multipliers(params, opt.lr_multipliers)
     schedule = SCHEDULES.get(opt.schedule)(opt, total_steps)
     tx = _adamw_chain(opt, schedule, num_layers)
     if freeze:
