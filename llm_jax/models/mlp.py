@@ -7,12 +7,11 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.registry import Registry
 
-ACTIVATIONS: Registry[Callable[[jnp.ndarray], jnp.ndarray]] = Registry("activation")
+ACTIVATIONS: Registry[Callable[[jax.Array], jax.Array]] = Registry("activation")
 ACTIVATIONS.add("gelu", functools.partial(jax.nn.gelu, approximate=False))
 ACTIVATIONS.add("gelu_tanh", functools.partial(jax.nn.gelu, approximate=True))
 ACTIVATIONS.add("relu", jax.nn.relu)
@@ -35,7 +34,7 @@ class Mlp(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cfg = self.config
         h_BTF = _dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.init_std, "up")(x_BTD)
         h_BTF = nn.with_logical_constraint(ACTIVATIONS.get(cfg.activation)(h_BTF), ("batch", "seq", "act_mlp"))
@@ -49,7 +48,7 @@ class GatedMlp(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cfg = self.config
         gate_BTF = ACTIVATIONS.get(cfg.activation)(_dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.init_std, "gate")(x_BTD))
         up_BTF = _dense(cfg, cfg.d_ff, ("embed", "mlp"), cfg.init_std, "up")(x_BTD)

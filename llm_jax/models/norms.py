@@ -20,16 +20,16 @@ from llm_jax.registry import Registry
 NORMS: Registry[type[nn.Module]] = Registry("norm")
 
 
-def _mean_last(x: jnp.ndarray) -> jnp.ndarray:
+def _mean_last(x: jax.Array) -> jax.Array:
     return x.mean(-1, keepdims=True)
 
 
-def _sum_to_features(x_BTD: jnp.ndarray) -> jnp.ndarray:
+def _sum_to_features(x_BTD: jax.Array) -> jax.Array:
     return x_BTD.reshape(-1, x_BTD.shape[-1]).sum(0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def normalize(x_BTD: jnp.ndarray, scale_D: jnp.ndarray, eps: float, center: bool) -> jnp.ndarray:
+def normalize(x_BTD: jax.Array, scale_D: jax.Array, eps: float, center: bool) -> jax.Array:
     """(x - mean) / std * scale for center=True (LayerNorm), x / rms * scale otherwise (RMSNorm); float32."""
     return _normalize_fwd(x_BTD, scale_D, eps, center)[0]
 
@@ -61,7 +61,7 @@ class _Norm(nn.Module):
     center = True
 
     @nn.compact
-    def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cfg = self.config
         features = (x_BTD.shape[-1],)
         scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), features,

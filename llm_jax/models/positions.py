@@ -41,23 +41,23 @@ class SinusoidalPositions(nn.Module):
 
     def __call__(self, positions_BT: jax.Array) -> jax.Array:
         d_model = self.config.d_model
-        inv_freq_F = 1.0 / (10000.0 ** (np.arange(0, d_model, 2, dtype=np.float32) / d_model))
-        angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
+        inv_freq_R = 1.0 / (10000.0 ** (np.arange(0, d_model, 2, dtype=np.float32) / d_model))
+        angles_BTR = positions_BT[..., None].astype(jnp.float32) * inv_freq_R
         encoding_BTD = jnp.zeros(positions_BT.shape + (d_model,), jnp.float32)
-        encoding_BTD = encoding_BTD.at[..., 0::2].set(jnp.sin(angles_BTF))
-        encoding_BTD = encoding_BTD.at[..., 1::2].set(jnp.cos(angles_BTF[..., : d_model // 2]))
+        encoding_BTD = encoding_BTD.at[..., 0::2].set(jnp.sin(angles_BTR))
+        encoding_BTD = encoding_BTD.at[..., 1::2].set(jnp.cos(angles_BTR[..., : d_model // 2]))
         return encoding_BTD.astype(self.config.dtype)
 
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
     """Rotates pairs (i, i + H/2) of each head by position-dependent angles (GPT-NeoX/LLaMA layout)."""
     head_dim = x_BTNH.shape[-1]
-    inv_freq_F = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
-    sin_BT1F, cos_BT1F = jnp.sin(angles_BTF)[:, :, None, :], jnp.cos(angles_BTF)[:, :, None, :]
-    x1_BTNF, x2_BTNF = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-    rotated_BTNH = jnp.concatenate([x1_BTNF * cos_BT1F - x2_BTNF * sin_BT1F,
-                                    x2_BTNF * cos_BT1F + x1_BTNF * sin_BT1F], axis=-1)
+    inv_freq_R = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    angles_BTR = positions_BT[..., None].astype(jnp.float32) * inv_freq_R
+    sin_BT1R, cos_BT1R = jnp.sin(angles_BTR)[:, :, None, :], jnp.cos(angles_BTR)[:, :, None, :]
+    x1_BTNR, x2_BTNR = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    rotated_BTNH = jnp.concatenate([x1_BTNR * cos_BT1R - x2_BTNR * sin_BT1R,
+                                    x2_BTNR * cos_BT1R + x1_BTNR * sin_BT1R], axis=-1)
     return rotated_BTNH.astype(x_BTNH.dtype)
 
 

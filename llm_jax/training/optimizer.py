@@ -63,7 +63,7 @@ def rsqrt(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0, then learning_rate * sqrt(warmup / step) (the original Transformer's decay)."""
     warmup = max(opt.warmup_steps, 1)
 
-    def decay(count: jnp.ndarray) -> jnp.ndarray:
+    def decay(count: jax.Array) -> jax.Array:
         return opt.learning_rate * jnp.sqrt(warmup / jnp.maximum(count + opt.warmup_steps, warmup))
 
     return _after_warmup(opt, decay)
