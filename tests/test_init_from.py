@@ -81,6 +81,14 @@ def test_read_source_params_returns_the_latest_checkpoints_params(tmp_path):
     assert model_config["family"] == "encoder" and model_config["vocab_size"] == 20
 
 
+def test_read_source_params_from_a_relative_path(tmp_path, monkeypatch):
+    """train.init_from=runs/minilm, as the README writes it: Orbax reads no item metadata through a relative path."""
+    _write_source(str(tmp_path / "runs" / "source"), {3: _encoder_params(4)})
+    monkeypatch.chdir(tmp_path)
+    params, _ = read_source_params(os.path.join("runs", "source"))
+    _assert_equal_trees(params, _encoder_params(4))
+
+
 def test_read_source_params_errors_name_the_key_and_the_path(tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match=f"train.init_from={missing} is not a directory"):

@@ -9,6 +9,7 @@ old heads). Every process reads the whole tree and then places its own shards.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,7 +80,7 @@ def _restore_params(state_dir: epath.Path, workdir: str) -> dict[str, Any]:
 def read_source_params(workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(params as nested dicts of numpy arrays, the model config as saved in DIR/config.json) of DIR's latest
     checkpoint."""
-    root = epath.Path(workdir)
+    root = epath.Path(os.path.abspath(workdir))  # Orbax reads no item metadata through a relative path
     if not root.is_dir():
         raise ConfigError(f"train.init_from={workdir} is not a directory: give the work directory of a run (or of "
                           "llm_jax.convert)")
@@ -161,7 +162,7 @@ def init_params_from(workdir: str, target: Any, model_config: ModelConfig) -> tu
 
 def check_init_from(workdir: str, family: str) -> None:
     """Before anything is built: train.init_from names a work directory with a checkpoint of this family."""
-    root = epath.Path(workdir)
+    root = epath.Path(os.path.abspath(workdir))  # Orbax reads no item metadata through a relative path
     if not root.is_dir():
         raise ConfigError(f"train.init_from={workdir} is not a directory: give a work directory written by "
                           "llm_jax.train or llm_jax.convert")
