@@ -22,9 +22,7 @@ from llm_jax.config import ConfigError
 from llm_jax.data.packing import stack_rows
 from llm_jax.data.sources import Record
 from llm_jax.data.tokenizers import Tokenizer
-from llm_jax.tasks.base import AddDocument, RowContext, Task
-
-Batch = dict[str, np.ndarray]
+from llm_jax.tasks.base import AddDocument, Batch, RowContext, Task
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ from typing import Iterator
 import numpy as np
 
 from llm_jax.data.packing import stack_rows
+from llm_jax.tasks.base import Batch
 
-Batch = dict[str, np.ndarray]
 _EVAL_STREAM = 0x5EED  # keeps evaluation windows apart from training windows for the same seed
 
 

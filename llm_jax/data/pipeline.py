@@ -25,10 +25,11 @@ from llm_jax.data.sources import SourceSplits, source_splits
 from llm_jax.data.tokenizers import TOKENIZER_FILE, TOKENIZERS, Tokenizer, load_tokenizer
 from llm_jax.registry import Registry
 from llm_jax.tasks import build_task
+from llm_jax.tasks.base import Batch
 
 
 class TrainStream(Protocol):
-    def next_chunk(self, num_steps: int) -> lm_batches.Batch: ...
+    def next_chunk(self, num_steps: int) -> Batch: ...
 
     def get_state(self) -> dict: ...
 
@@ -41,7 +42,7 @@ class TrainStream(Protocol):
 class LMData:
     tokenizer: Tokenizer
     train: TrainStream
-    eval_batches: Callable[[str, int], Iterator[lm_batches.Batch]]  # (split, num_batches; -1 = all)
+    eval_batches: Callable[[str, int], Iterator[Batch]]  # (split, num_batches; -1 = all)
     skipped_records: int = 0
 
 
@@ -135,7 +136,7 @@ def build_grain_data(config: ml_collections.ConfigDict, rows: tuple[int, int],
     def whole_split_batches(split: str) -> int:
         return grain_pipeline.count_batches(iter(rows_of(split)), local_batch)
 
-    def eval_batches(split: str, num_batches: int) -> Iterator[lm_batches.Batch]:
+    def eval_batches(split: str, num_batches: int) -> Iterator[Batch]:
         count = whole_split_batches(split) if num_batches == -1 else num_batches
         return grain_pipeline.padded_batches(iter(rows_of(split)), local_batch, count)
 
@@ -164,7 +165,7 @@ def build_window_data(config: ml_collections.ConfigDict, rows: tuple[int, int],
         split_tokens = {data.train_split: tokens[:split_at], data.eval_split: tokens[split_at:]}
     train = lm_batches.RandomWindowStream(split_tokens[data.train_split], data.seq_len, global_batch, data.seed, rows)
 
-    def eval_batches(split: str, num_batches: int) -> Iterator[lm_batches.Batch]:
+    def eval_batches(split: str, num_batches: int) -> Iterator[Batch]:
         if split not in split_tokens:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(split_tokens)}")
         if num_batches < 1:

@@ -24,7 +24,7 @@ from llm_jax.data.sources import Record
 from llm_jax.data.tokenizers import Tokenizer, special_ids
 from llm_jax.models.outputs import Outputs
 
-Batch = dict[str, jax.Array]
+Batch = dict[str, Any]  # key -> [batch, ...] array: numpy on the host, jax.Array on the devices
 LossTerms = dict[str, tuple[jax.Array, jax.Array]]  # term -> (loss sum, weight sum)
 
 

@@ -14,10 +14,9 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax.models.outputs import Outputs
-from llm_jax.tasks.base import Task
+from llm_jax.tasks.base import Batch, Task
 from llm_jax.training.state import TrainState
 
-Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
