@@ -198,16 +198,26 @@ def inspect(*, data_dir: str, name: str, tokenizer_dir: str, seq_len: int, num_e
     return lines
 
 
+def _task_fields(row: dict[str, np.ndarray]) -> str:
+    """The task's other keys in a few words: weight sums (targets, masked tokens, labelled words) and scalars."""
+    parts = []
+    for key, value in row.items():
+        if key.endswith("weights"):
+            parts.append(f"{key} {int(np.sum(value))}")
+        elif np.ndim(value) == 0:
+            parts.append(f"{key}={int(value)}")
+    return "".join(f", {part}" for part in parts)
+
+
 def _row_lines(index: int, row: dict[str, np.ndarray], tokenizer, max_chars: int) -> list[str]:
-    """One packed row: a header line, then one line per segment (token span, positions, decoded inputs)."""
+    """One row: a header line, then one line per segment (token span, positions, decoded inputs)."""
     segments, seq_len = row["segment_ids"], len(row["segment_ids"])
     used = int(np.count_nonzero(segments))
     lines = [f"example {index}: {len(np.unique(segments[segments > 0]))} segments, {used}/{seq_len} tokens, "
-             f"{seq_len - used} padding" + (f", {int(row['weights'].sum())} weighted targets" if "weights" in row
-                                             else "")]
+             f"{seq_len - used} padding" + _task_fields(row)]
     for segment in np.unique(segments[segments > 0]):
         where = np.flatnonzero(segments == segment)
-        positions = row["positions"][where]
+        positions = row["positions"][where] if "positions" in row else where - where[0]
         text = tokenizer.decode(row["inputs"][where].tolist())
         lines.append(f"  segment {segment}: tokens {where[0]}-{where[-1]}, positions "
                      f"{positions[0]}-{positions[-1]}: {_shown(text, max_chars)}")
