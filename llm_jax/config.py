@@ -86,8 +86,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            "train documents are sampled from them by weight, evaluation uses the top-level source"),
         "objective": Key("causal_lm", "the training task: its rows, batch keys, loss and metrics",
                          "llm_jax.tasks:TASKS"),
-        "label_field": Key("", "JSONL field holding a record's label (classification; one of data.labels)"),
-        "text_b_field": Key("", "JSONL field holding the second text of a pair (classification)"),
+        "label_field": Key("", "JSONL (or TFDS catalog) field holding a record's label (classification; one of "
+                               "data.labels; TFDS ClassLabel ids are used as they are)"),
+        "text_b_field": Key("", "JSONL (or TFDS catalog) field holding the second text of a pair (classification), "
+                                "e.g. sentence2 of glue/mrpc with data.text_field=sentence1"),
         "words_field": Key("words", "JSONL field with a record's words (token classification)"),
         "tags_field": Key("tags", "JSONL field with one tag per word (token classification; each in data.labels)"),
         "conll_columns": Key((0, -1), "CoNLL source: the (word, tag) column indices of each line"),

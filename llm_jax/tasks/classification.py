@@ -59,13 +59,20 @@ class EncodePair(grain.transforms.Map):
         self.tokenizer, self.seq_len = context.tokenizer, context.data.seq_len
         self.special = context.require_special("cls", "sep", "pad")
         self.num_labels = len(context.data.labels)
+        self.label_field, self.text_b_field = context.data.label_field, context.data.text_b_field
+
+    def _second_text(self, record: Record) -> str:
+        """A local pair's "text_b", or a TFDS catalog record's data.text_b_field (e.g. glue/mrpc's sentence2)."""
+        text = record.get("text_b") or (record.get(self.text_b_field) if self.text_b_field else None) or ""
+        return text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
     def map(self, record: Record) -> dict[str, np.ndarray]:
-        label = int(record["label"])
+        label = int(record.get(self.label_field, record.get("label")) if self.label_field else record["label"])
         if not 0 <= label < self.num_labels:
             raise ConfigError(f"record label {label} is outside data.labels ({self.num_labels} classes)")
         a = self.tokenizer.encode(record.get("text", record["document"]))
-        b = self.tokenizer.encode(record["text_b"]) if record.get("text_b") else np.zeros(0, np.int32)
+        second = self._second_text(record)
+        b = self.tokenizer.encode(second) if second else np.zeros(0, np.int32)
         row = masking.pair_row(a, b, self.seq_len, cls_id=self.special["cls"], sep_id=self.special["sep"],
                                pad_id=self.special["pad"])
         return {**row, "labels": np.int32(label), "label_weights": np.float32(1.0)}
