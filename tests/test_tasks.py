@@ -85,3 +85,18 @@ def test_classification_metrics_equal_scikit_learn():
     np.testing.assert_allclose(recall, metrics_module.recall_score(labels, predictions, average=None))
     named = per_class_metrics(confusion, ("a", "b", "c", "d"))
     assert named["eval/recall/c"] == 1.0
+
+
+def test_whole_word_masking_reads_sentencepiece_word_boundaries():
+    from llm_jax.data.tokenizers import TOKENIZERS
+    from llm_jax.tasks.masked_lm import word_starts
+
+    text = " ".join(["internationalization unbelievable tokenizers"] * 200)
+    data = config_lib.default_config().data
+    data.update(tokenizer_vocab_size=320)
+    tokenizer = TOKENIZERS.get("sentencepiece").fit(text, data)
+    ids = tokenizer.encode("internationalization unbelievable")
+    starts = word_starts(tokenizer, ids)
+    pieces = tokenizer.pieces([int(i) for i in ids])
+    assert len(ids) > 2 and starts.sum() == 2, pieces
+    assert all(piece.startswith("\u2581") == bool(start) for piece, start in zip(pieces, starts))

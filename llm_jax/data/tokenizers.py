@@ -330,6 +330,10 @@ class SentencePieceTokenizer(FileBackedTokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._processor.decode(_checked_ids(ids, self.vocab_size))
 
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """The piece of each id; "\u2581" starts a piece that begins a word (whole-word masking reads it)."""
+        return [self._processor.id_to_piece(i) for i in _checked_ids(ids, self.vocab_size)]
+
 
 # ----------------------------------------------------------------------------- GPT-2 byte-level BPE
 
