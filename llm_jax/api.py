@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from llm_jax.data import masking
 from llm_jax.models.model_config import ModelConfig
 
 Text = Union[str, tuple[str, str]]  # one text, or a sentence pair
@@ -37,17 +38,6 @@ class EncodedBatch:
     ids_BT: np.ndarray
     mask_BT: np.ndarray
     token_types_BT: np.ndarray
-
-
-def _truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """Drops tokens from the end of the longer text until both fit `budget` (transformers' longest_first)."""
-    a, b = list(a), list(b)
-    while len(a) + len(b) > budget:
-        if len(a) > len(b):
-            a.pop()
-        else:
-            b.pop()
-    return a, b
 
 
 def _select(outputs: Any, mask_BT: jax.Array, what: str) -> jax.Array:
@@ -92,7 +82,8 @@ class LoadedModel:
         if ids_b is None:
             ids_a = ids_a[:self.model_config.max_len - 2]
             return [cls] + ids_a + [sep], [0] * (len(ids_a) + 2)
-        ids_a, ids_b = _truncate_pair(ids_a, ids_b, self.model_config.max_len - 3)
+        # longest-first, as transformers' tokenizer and the encoder tasks' rows truncate
+        ids_a, ids_b = masking.truncate_pair(ids_a, ids_b, self.model_config.max_len - 3)
         return [cls] + ids_a + [sep] + ids_b + [sep], [0] * (len(ids_a) + 2) + [1] * (len(ids_b) + 1)
 
     def encode(self, texts: Text | Sequence[Text]) -> EncodedBatch:

@@ -63,17 +63,16 @@ def process_batch_rows(mesh: Mesh, rules: Rules, global_batch_size: int) -> tupl
     return start, stop
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding | dict[str, NamedSharding], batch_axis: int,
+def global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding], batch_axis: int,
                  global_batch_size: int) -> dict[str, jax.Array]:
-    """Assembles each process's rows (see process_batch_rows) into one global jax.Array per key; `sharding` is
-    one for every key or one per key (`batch_shardings`)."""
-    def assemble(key: str, array: np.ndarray) -> jax.Array:
+    """Assembles each process's rows (see process_batch_rows) into one global jax.Array per key, each with its
+    sharding from `batch_shardings`."""
+    def assemble(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
         shape = list(array.shape)
         shape[batch_axis] = global_batch_size
-        key_sharding = sharding[key] if isinstance(sharding, dict) else sharding
-        return jax.make_array_from_process_local_data(key_sharding, array, tuple(shape))
+        return jax.make_array_from_process_local_data(sharding, array, tuple(shape))
 
-    return {key: assemble(key, value) for key, value in local.items()}
+    return {key: assemble(value, shardings[key]) for key, value in local.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

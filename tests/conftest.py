@@ -59,3 +59,19 @@ def metrics(workdir) -> list[dict]:
 def final(records: list[dict], key: str) -> float:
     """The last logged value of a metric."""
     return [r[key] for r in records if key in r][-1]
+
+
+def run_updates(tx, params, grads_list):
+    """The parameters after one jitted optimizer update per gradient tree of `grads_list`."""
+    import jax
+    import optax
+
+    @jax.jit
+    def run(params, grads_list):
+        state = tx.init(params)
+        for grads in grads_list:
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        return params
+
+    return run(params, grads_list)

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import run_updates
 from llm_jax import config as config_lib
 from llm_jax.config import ConfigError
 from llm_jax.models.families import build_model
@@ -77,15 +78,7 @@ def _frozen_paths(mask):
 
 
 def _run(tx, params, grads_list):
-    @jax.jit
-    def run(params, grads_list):
-        state = tx.init(params)
-        for grads in grads_list:
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-        return params
-
-    return jax.device_get(run(params, grads_list))
+    return jax.device_get(run_updates(tx, params, grads_list))
 
 
 def test_frozen_embeddings_and_first_layer_stay_bit_identical():

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import run_updates
 from llm_jax import config as config_lib
 from llm_jax.models.families import build_model
 from llm_jax.models.model_config import build_model_config
@@ -172,17 +173,6 @@ def _random_grads(params, seed, norm):
     return _scaled(grads, norm / _global_norm(grads))
 
 
-def _run_updates(tx, params, grads_list):
-    @jax.jit
-    def run(params, grads_list):
-        state = tx.init(params)
-        for grads in grads_list:
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-        return params
-
-    return run(params, grads_list)
-
 
 def _max_rel_diff(a, b):
     a, b = jax.device_get((a, b))
@@ -202,11 +192,11 @@ def test_grad_clipping_equals_adamw_on_rescaled_gradients():
     clipped_list = [_scaled(grads, min(1.0, clip / _global_norm(grads))) for grads in grads_list]
     assert _global_norm(clipped_list[0]) == pytest.approx(clip, rel=1e-5)
     assert _global_norm(clipped_list[1]) == pytest.approx(0.1, rel=1e-5)
-    ours = _run_updates(tx, params, grads_list)
-    expected = _run_updates(reference_tx, params, clipped_list)
+    ours = run_updates(tx, params, grads_list)
+    expected = run_updates(reference_tx, params, clipped_list)
     assert _max_rel_diff(ours, expected) < 1e-5
     # the comparison can tell: without clipping the result is measurably different
-    unclipped = _run_updates(reference_tx, params, grads_list)
+    unclipped = run_updates(reference_tx, params, grads_list)
     assert _max_rel_diff(unclipped, expected) > 1e-3
 
 
@@ -217,4 +207,4 @@ def test_grad_clip_zero_is_plain_adamw():
     grads_list = [_random_grads(params, 1, 50.0), _random_grads(params, 2, 0.1)]
     reference_tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                                mask=decay_mask)
-    assert _max_rel_diff(_run_updates(tx, params, grads_list), _run_updates(reference_tx, params, grads_list)) < 1e-6
+    assert _max_rel_diff(run_updates(tx, params, grads_list), run_updates(reference_tx, params, grads_list)) < 1e-6

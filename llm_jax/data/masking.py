@@ -91,7 +91,7 @@ def sentence_pair(
     return (b, a, 1) if coin else (a, b, 0)
 
 
-def _truncate_pair(a: np.ndarray, b: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+def truncate_pair(a: Sequence[int], b: Sequence[int], budget: int) -> tuple[Sequence[int], Sequence[int]]:
     """BERT's truncate_seq_pair: drop tokens from the end of the longer of a and b (b on ties) until they fit."""
     len_a, len_b = len(a), len(b)
     while len_a + len_b > budget:
@@ -114,7 +114,7 @@ def pair_row(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray, seq_l
     if seq_len < need:
         raise ValueError(f"seq_len={seq_len} (data.seq_len) is too short for a {'pair' if has_b else 'row'}: "
                          f"it needs at least {need} tokens")
-    a, b = _truncate_pair(a, b, seq_len - 2 - int(has_b))
+    a, b = truncate_pair(a, b, seq_len - 2 - int(has_b))
     parts = [np.array([cls_id], np.int32), a, np.array([sep_id], np.int32)]
     if has_b:
         parts += [b, np.array([sep_id], np.int32)]
