@@ -8,6 +8,8 @@ from typing import Callable
 
 from absl import logging
 
+from llm_jax.errors import UserError
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -23,10 +25,11 @@ def quiet_library_logs() -> None:
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
 
-def run_reporting_errors(main: Callable[[], object], expected: tuple[type[BaseException], ...]) -> None:
-    """Runs `main`; an expected error becomes a one-line message and exit status 1, not a traceback."""
+def run_reporting_errors(main: Callable[[], object], expected: tuple[type[BaseException], ...] = ()) -> None:
+    """Runs `main`; a UserError (or another `expected` error) becomes a one-line message and exit status 1, not
+    a traceback."""
     try:
         main()
-    except expected as error:
+    except (UserError, *expected) as error:
         logging.error("%s", error)
         raise SystemExit(f"error: {error}") from None

@@ -15,9 +15,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what to do."""
+from llm_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 
 from llm_jax import config as config_lib
 from llm_jax.cli import quiet_library_logs, run_reporting_errors
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.interop import hf_bert
 from llm_jax.interop.hf_bert import ConversionError
 from llm_jax.models.model_config import ModelConfig, config_fields, model_config_to_json

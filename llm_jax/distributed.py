@@ -15,7 +15,7 @@ import time
 import jax
 from absl import logging
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 
 from llm_jax.cli import quiet_library_logs, run_reporting_errors
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.training.evaluation import Evaluator
 from llm_jax.training.metrics import MetricsWriter
 from llm_jax.training.run import build_saved_run, restore_latest_params

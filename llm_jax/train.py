@@ -16,7 +16,6 @@ from ml_collections import config_flags
 
 from llm_jax import distributed
 from llm_jax.cli import quiet_library_logs, run_reporting_errors
-from llm_jax.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file, e.g. experiments/shakespeare_char.py[:arg]",
                                           lock_config=True)
@@ -53,9 +52,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_library_logs()
-    from llm_jax.training.loop import TrainingDivergedError
-
-    run_reporting_errors(_run, (ConfigError, TrainingDivergedError))
+    run_reporting_errors(_run)
 
 
 if __name__ == "__main__":

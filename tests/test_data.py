@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.data import lm_batches
 from llm_jax.data.pipeline import build_data
 from llm_jax.data.sources import SOURCES

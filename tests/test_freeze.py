@@ -14,7 +14,7 @@ import pytest
 
 from conftest import run_updates
 from llm_jax import config as config_lib
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.models.families import build_model
 from llm_jax.models.model_config import build_model_config
 from llm_jax.training.optimizer import (HEAD_PARAMS, build_optimizer, check_optimizer_config, frozen_mask,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.data.packing import segment_positions
 from llm_jax.data.pipeline import build_data
 

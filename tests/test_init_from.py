@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.models.model_config import build_model_config, model_config_to_json
 from llm_jax.training.checkpoint import Checkpointer
 from llm_jax.training.init_from import init_params_from, merge_params, read_source_params

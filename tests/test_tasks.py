@@ -8,7 +8,7 @@ import pytest
 
 from configs.encoders import BERT_ARCHITECTURE, minilm_vocab
 from llm_jax import config as config_lib
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.data.pipeline import build_data
 from llm_jax.tasks import build_task
 from llm_jax.tasks.metrics import classification_metrics, per_class, per_class_metrics

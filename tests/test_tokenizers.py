@@ -14,7 +14,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from conftest import shared_data_file
 from llm_jax import config as config_lib
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.data.tokenizers import (GPT2_PATTERN, NUM_SENTINELS, SPECIAL_TOKENS, TOKENIZER_FILE, TOKENIZERS,
                                      GPT2BPETokenizer, SentencePieceTokenizer, load_gpt2_ranks, load_tokenizer)
 

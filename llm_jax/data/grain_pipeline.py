@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.data.packing import stack_rows
 from llm_jax.data.sources import Record
 from llm_jax.data.tokenizers import Tokenizer

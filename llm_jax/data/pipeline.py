@@ -19,7 +19,7 @@ import grain
 import jax
 import ml_collections
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.data import grain_pipeline, lm_batches
 from llm_jax.data.sources import SourceSplits, source_splits
 from llm_jax.data.tokenizers import TOKENIZER_FILE, TOKENIZERS, Tokenizer, load_tokenizer

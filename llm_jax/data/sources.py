@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence, TYPE_CHECKING
 
 import ml_collections
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.registry import Registry
 
 if TYPE_CHECKING:

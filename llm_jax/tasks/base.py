@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.data.sources import Record
 from llm_jax.data.tokenizers import Tokenizer, special_ids
 from llm_jax.models.outputs import Outputs

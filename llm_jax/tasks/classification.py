@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.data import masking
 from llm_jax.data.sources import Record
 from llm_jax.models import crf

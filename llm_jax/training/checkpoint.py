@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 
 __all__ = ["Checkpointer", "STATE_ITEM", "DATA_ITEM"]
 

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.training.checkpoint import STATE_ITEM
 from llm_jax.training.optimizer import param_path

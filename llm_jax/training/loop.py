@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from llm_jax.data.pipeline import describe
+from llm_jax.errors import TrainingDivergedError
 from llm_jax.sharding import batch_shardings, global_batch
 from llm_jax.training import evaluation
 from llm_jax.training.checkpoint import Checkpointer
@@ -29,10 +30,6 @@ from llm_jax.training.init_from import init_params_from
 from llm_jax.training.metrics import MetricsWriter, ProgressLine, log_progress, read_metrics
 from llm_jax.training.run import Run, build_run, jit_train_chunk, model_inputs_fn, write_run_config
 from llm_jax.training.state import TrainState, init_state
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or Inf; the message names the step."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.registry import Registry
 
 # Top-level parameter collections of the task heads and of the input embeddings (model code imports these).

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.sharding import Rules, replicated
 
 
