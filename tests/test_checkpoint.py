@@ -1,22 +1,18 @@
 import os
+from typing import Any
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from typing import Any  # noqa: E402
+from conftest import needs
+from llm_jax.training.checkpoint import Checkpointer
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
-from flax import struct  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from llm_jax.training.checkpoint import Checkpointer  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs 8 (CPU) devices; set XLA_FLAGS before jax is imported"
-)
+needs(jax.device_count() >= 8, "needs 8 (CPU) devices: XLA_FLAGS from conftest")
 
 
 @struct.dataclass

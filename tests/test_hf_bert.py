@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, import_or_fail, subprocess_env
 from llm_jax.interop import hf_bert
 from llm_jax.interop.hf_bert import ConversionError
 from llm_jax.models.families import build_model
 from llm_jax.models.model_config import ModelConfig
 
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
+transformers = import_or_fail("transformers")
+torch = import_or_fail("torch")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 TOLERANCE = 1e-4  # float32, max abs difference

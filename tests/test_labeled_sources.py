@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("array_record")
+from conftest import import_or_fail  # noqa: E402
+
+import_or_fail("tensorflow_datasets")
+import_or_fail("array_record")
 
 from llm_jax.config import ConfigError, default_config  # noqa: E402
 from llm_jax.data.sources import source_splits  # noqa: E402

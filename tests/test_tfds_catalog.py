@@ -22,8 +22,10 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("array_record")
+from conftest import import_or_fail  # noqa: E402
+
+import_or_fail("tensorflow_datasets")
+import_or_fail("array_record")
 
 from conftest import subprocess_env  # noqa: E402
 from test_tfds_sources import _TensorflowImportSpy  # noqa: E402

@@ -9,8 +9,10 @@ import traceback
 
 import pytest
 
-pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("array_record")
+from conftest import import_or_fail  # noqa: E402
+
+import_or_fail("tensorflow_datasets")
+import_or_fail("array_record")
 
 from conftest import shared_data_file  # noqa: E402
 
