@@ -18,6 +18,9 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # this checkout's llm_jax, wherever the script is started from
+
+from llm_jax.training.metrics import METRICS_FILENAME, read_metrics  # noqa: E402
 
 
 def run_jax(steps: int, eval_batches: int) -> dict:
@@ -25,8 +28,7 @@ def run_jax(steps: int, eval_batches: int) -> dict:
         command = [sys.executable, "-m", "llm_jax.train", "--config=experiments/shakespeare_char.py",
                    f"--workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.eval_steps={eval_batches}"]
         subprocess.run(command, cwd=REPO, check=True, stderr=subprocess.DEVNULL)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
+        records = read_metrics(os.path.join(workdir, METRICS_FILENAME))
     windows = [r for r in records if "train/tokens_per_second" in r and r["step"] > 100]
     tokens_per_window = [(r["step"] - prev["step"]) * 12 * 64 for prev, r in zip(
         [r for r in records if "train/tokens_per_second" in r], windows)]

@@ -30,9 +30,14 @@ import threading
 import time
 from typing import Any, Mapping, Sequence
 
+import ml_collections
 from absl import app, flags
 
 from llm_jax import config as config_lib
+from llm_jax import workdir_lock
+from llm_jax.errors import UserError, WorkdirError
+from llm_jax.training import run_record
+from llm_jax.training.metrics import read_run_metrics
 
 SWEEP_FILE = "sweep.json"
 RUN_FILE = "sweep_run.json"
@@ -42,7 +47,7 @@ _MAX_NAME = 120
 _TERMINATE_GRACE_S = 120.0  # a SIGTERMed train checkpoints first; after this it is killed
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep that cannot run; the message names the file, run or key to fix."""
 
 
@@ -96,7 +101,10 @@ def _sweep_dicts(module: Any, path: str) -> list[dict[str, Any]]:
     if not hasattr(module, "get_sweep"):
         raise SweepError(f"{path} defines no get_sweep(); add `def get_sweep() -> list[dict]` returning "
                          "override dicts such as [{'optimizer.learning_rate': 1e-3}, ...]")
-    sweep = module.get_sweep()
+    try:
+        sweep = module.get_sweep()
+    except Exception as error:  # noqa: BLE001 - any failure of user code is reported with its file
+        raise SweepError(f"get_sweep() of {path} failed: {type(error).__name__}: {error}") from None
     if not isinstance(sweep, (list, tuple)) or not sweep:
         raise SweepError(f"get_sweep() of {path} returned {sweep!r}; it must return a non-empty list of dicts")
     for index, entry in enumerate(sweep):
@@ -195,7 +203,10 @@ def build_run_config(module: Any, variant: str | None, overrides: Mapping[str, A
     try:
         config = module.get_config(variant) if variant is not None else module.get_config()
     except Exception as error:  # noqa: BLE001 - any failure of user code is reported with its file
-        raise SweepError(f"get_config({variant!r}) failed: {type(error).__name__}: {error}") from None
+        raise SweepError(f"{where}: get_config({variant!r}) failed: {type(error).__name__}: {error}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise SweepError(f"{where}: get_config({variant!r}) returned {type(config).__name__}, not a ConfigDict; "
+                         "start from llm_jax.config.default_config() and return it")
     for dotted, text in extra_pairs:
         section, _, name = dotted.partition(".")
         if section not in config_lib.SCHEMA or name not in config_lib.SCHEMA[section]:
@@ -250,18 +261,12 @@ def _read_json(path: str) -> dict | None:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The records of DIR/metrics.jsonl ([] if missing); a torn last line (killed run) is ignored."""
-    records = []
+    """The records of DIR/metrics.jsonl ([] if missing; a torn last line is ignored); a corrupt line is a
+    SweepError naming the file and line, so the sweep stops with one line instead of a traceback."""
     try:
-        with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
-    except OSError:
-        return []
-    return [record for record in records if isinstance(record, dict) and "step" in record]
+        return read_run_metrics(workdir)
+    except ValueError as error:
+        raise SweepError(str(error)) from None
 
 
 def is_finished(workdir: str, planned_steps: int | None = None) -> bool:
@@ -269,10 +274,9 @@ def is_finished(workdir: str, planned_steps: int | None = None) -> bool:
 
     With `planned_steps`, a run whose config.json has a different train.steps is not finished (it will resume).
     """
-    saved = _read_json(os.path.join(workdir, "config.json"))
-    try:
-        steps = int(saved["config"]["train"]["steps"])
-    except (TypeError, KeyError, ValueError):
+    try:  # the config in force: a resume may have changed train.steps
+        steps = int(run_record.config_in_force(run_record.read_record(workdir) or {})["train"]["steps"])
+    except (UserError, TypeError, KeyError, ValueError):
         return False
     if planned_steps is not None and steps != planned_steps:
         return False
@@ -536,6 +540,14 @@ def _todo(runs: Sequence[Run]) -> list[Run]:
     return todo
 
 
+def _lock_sweep_dir(sweep_dir: str) -> workdir_lock.DirectoryLock:
+    """The run lock of `sweep_dir` for this sweep command, so a second sweep on it fails at once."""
+    try:
+        return workdir_lock.acquire_run_lock(sweep_dir, "launch.sweep")
+    except WorkdirError as error:
+        raise SweepError(str(error)) from None
+
+
 def run_sweep(config_arg: str, sweep_dir: str, backend: str = "local", extra_args: Sequence[str] = (),
               parallel: int = 1, dry_run: bool = False, devices_per_run: int = 0, num_devices: int = 0,
               remote: RemoteOptions = RemoteOptions(), env: Mapping[str, str] | None = None,
@@ -561,15 +573,16 @@ def run_sweep(config_arg: str, sweep_dir: str, backend: str = "local", extra_arg
             prefix = [f"CUDA_VISIBLE_DEVICES={slot}"] if devices_per_run else []
             print(shlex.join([*prefix, "python", "-m", "llm_jax.train", *train_args(config_arg, run, extra_args)]))
         return []
-    write_sweep_file(sweep_dir, sweep_record(config_arg, backend, extra_args, runs))
-    todo = _todo(runs)
-    if backend == "tpu":
-        _print_tpu(config_arg, todo, extra_args, remote)
-        return []
-    if backend == "slurm":
-        _write_slurm(config_arg, todo, extra_args, remote, sweep_dir)
-        return []
-    failed = run_local(config_arg, todo, extra_args, parallel, devices_per_run, env, run_timeout)
+    with _lock_sweep_dir(sweep_dir):
+        write_sweep_file(sweep_dir, sweep_record(config_arg, backend, extra_args, runs))
+        todo = _todo(runs)
+        if backend == "tpu":
+            _print_tpu(config_arg, todo, extra_args, remote)
+            return []
+        if backend == "slurm":
+            _write_slurm(config_arg, todo, extra_args, remote, sweep_dir)
+            return []
+        failed = run_local(config_arg, todo, extra_args, parallel, devices_per_run, env, run_timeout)
     print(f"done: {len(todo) - len(failed)} ran, {len(runs) - len(todo)} skipped, {len(failed)} failed", flush=True)
     return failed
 

@@ -152,7 +152,8 @@ class LoadedModel:
 def load(workdir: str) -> LoadedModel:
     """The model of a work directory (a training run, or an import by llm_jax.convert) at its latest
     checkpoint, on the first device."""
-    from llm_jax.training.run import build_run, read_run_config, restore_latest_params
+    from llm_jax.training.run import build_run, restore_latest_params
+    from llm_jax.training.run_record import read_run_config
 
     config, model_config = read_run_config(workdir)
     config.mesh.update(data=1, fsdp=1, tensor=1)

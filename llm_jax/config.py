@@ -26,6 +26,7 @@ class Key:
     help: str
     registry: str | None = None  # "module:ATTRIBUTE" of a llm_jax.registry.Registry
     type: type | None = None  # needed when the default is None
+    free_on_resume: bool = False  # changes only the program or the schedule of work, not what is trained
 
     def registry_names(self) -> list[str]:
         module_name, attribute = self.registry.split(":")
@@ -51,7 +52,8 @@ def _model_keys() -> dict[str, Key]:
     """The `model` section: the config fields of the frozen ModelConfig, declared there once."""
     from llm_jax.models.model_config import config_fields
 
-    return {field.name: Key(field.default, field.metadata["help"], field.metadata["registry"], field.metadata["type"])
+    return {field.name: Key(field.default, field.metadata["help"], field.metadata["registry"], field.metadata["type"],
+                            field.metadata["free_on_resume"])
             for field in config_fields()}
 
 
@@ -64,9 +66,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "source": Key("text_file", "where the documents come from", "llm_jax.data.sources:SOURCES"),
         "path": Key("", "files or globs (comma-separated) of the train split for source=text_file|jsonl|tsv"),
         "eval_path": Key("", "files or globs of the evaluation split (data.eval_split); empty = hold out the last "
-                             "data.validation_fraction of the train records"),
+                             "data.validation_fraction of the train records", free_on_resume=True),
         "test_path": Key("", "files or globs of a held-out test split, read as split 'test' and evaluated only when "
-                             "asked (python -m llm_jax.evaluate --split=test): never trained or tuned on"),
+                             "asked (python -m llm_jax.evaluate --split=test): never trained or tuned on", free_on_resume=True),
         "split_by": Key("blank_line", "text_file documents: blank_line (paragraphs), line, or file (one per file)"),
         "text_field": Key("", "record field holding the text: the JSONL field (empty = 'text'); for TFDS catalog "
                               "datasets empty = the first known text feature"),
@@ -76,9 +78,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "has_header": Key(True, "TSV files start with a header row"),
         "tfds_name": Key("", "TFDS catalog dataset for source=tfds, e.g. lm1b, imdb_reviews or glue/sst2"),
         "tfds_data_dir": Key("", "where TFDS datasets are prepared and read; empty = $TFDS_DATA_DIR or "
-                                 "~/tensorflow_datasets"),
+                                 "~/tensorflow_datasets", free_on_resume=True),
         "train_split": Key("train", "split trained on"),
-        "eval_split": Key("validation", "split evaluated during training"),
+        "eval_split": Key("validation", "split evaluated during training", free_on_resume=True),
         "skip_bad_records": Key(False, "skip (and count in data/skipped_records) bad input records instead of failing"),
         "mixture": Key((), "pretraining mixture: dicts of source keys (source, path, tfds_name, ...) with a 'weight'; "
                            "train documents are sampled from them by weight, evaluation uses the top-level source"),
@@ -119,18 +121,27 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(0, "seed of shuffling and batch sampling (independent of train.seed)"),
     },
     "train": {
-        "steps": Key(2000, "optimizer updates in the whole run"),
+        "steps": Key(2000, "optimizer updates in the whole run", free_on_resume=True),
         "batch_size": Key(12, "global batch size in sequences per optimizer update"),
         "seed": Key(0, "seed of parameter init and dropout"),
-        "log_every": Key(100, "steps between train metric logs"),
-        "eval_every": Key(500, "steps between evaluations (0 = only at the end)"),
-        "eval_steps": Key(20, "batches per evaluation (-1 = the whole evaluation split, pipeline=grain)"),
-        "checkpoint_every": Key(1000, "steps between checkpoints (0 = only at the end)"),
-        "keep_checkpoints": Key(2, "checkpoints kept on disk"),
-        "steps_per_dispatch": Key(20, "optimizer steps fused into one device call (lax.scan)"),
-        "peak_flops_per_device": Key(None, "peak FLOP/s of one device for train/mfu; None = known table", type=float),
+        "log_every": Key(100, "steps between train metric logs", free_on_resume=True),
+        "eval_every": Key(500, "steps between evaluations (0 = only at the end)", free_on_resume=True),
+        "eval_steps": Key(20, "batches per evaluation (-1 = the whole evaluation split, pipeline=grain)",
+                          free_on_resume=True),
+        "checkpoint_every": Key(1000, "steps between checkpoints (0 = only at the end)", free_on_resume=True),
+        "keep_checkpoints": Key(2, "checkpoints kept on disk", free_on_resume=True),
+        "steps_per_dispatch": Key(20, "optimizer steps fused into one device call (lax.scan)", free_on_resume=True),
+        "peak_flops_per_device": Key(None, "peak FLOP/s of one device for train/mfu; None = known table", type=float,
+                                     free_on_resume=True),
         "init_from": Key("", "work directory (a run, or an import by llm_jax.convert) whose weights start this run; "
-                             "parameters the task adds (new heads) are freshly initialised"),
+                             "parameters the task adds (new heads) are freshly initialised", free_on_resume=True),
+        "nonfinite": Key("stop", "a NaN/Inf loss or gradient: stop (name the step; no state after the last good one "
+                                 "is ever checkpointed) or skip (keep the previous parameters and optimizer state, "
+                                 "count it in train/skipped_updates)", free_on_resume=True),
+        "max_consecutive_skips": Key(20, "train.nonfinite=skip: stop after this many updates in a row were skipped",
+                                     free_on_resume=True),
+        "loss_spike_factor": Key(3.0, "log a warning when a step's loss exceeds this factor times the running "
+                                      "average (0 = off)", free_on_resume=True),
         "freeze": Key((), "parameters kept fixed: 'embeddings', 'layers:K' (the first K blocks), 'all_but_heads', "
                           "or path regexes like 'block_0/.*'"),
     },
@@ -152,14 +163,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 "embeddings layer_decay^(L+1), heads 1 (1 = off)"),
     },
     "mesh": {
-        "data": Key(-1, "data-parallel axis size (-1 = the remaining devices)"),
-        "fsdp": Key(1, "fully-sharded data-parallel axis size (-1 = the remaining devices)"),
-        "tensor": Key(1, "tensor-parallel axis size (-1 = the remaining devices)"),
-        "logical_axis_rules": Key(DEFAULT_LOGICAL_AXIS_RULES, "logical axis name -> mesh axes"),
+        "data": Key(-1, "data-parallel axis size (-1 = the remaining devices)", free_on_resume=True),
+        "fsdp": Key(1, "fully-sharded data-parallel axis size (-1 = the remaining devices)", free_on_resume=True),
+        "tensor": Key(1, "tensor-parallel axis size (-1 = the remaining devices)", free_on_resume=True),
+        "logical_axis_rules": Key(DEFAULT_LOGICAL_AXIS_RULES, "logical axis name -> mesh axes", free_on_resume=True),
     },
 }
 
 MESH_AXES = ("data", "fsdp", "tensor")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def _field(key: Key) -> Any:
@@ -179,13 +191,17 @@ def default_config() -> ml_collections.ConfigDict:
 
 def config_reference_markdown() -> str:
     """The table of every key with its default and meaning (docs/config.md is generated from it)."""
-    lines = ["# Config reference", "", "Generated by `python -m llm_jax.config`; every key, its default and meaning.", ""]
+    lines = ["# Config reference", "", "Generated by `python -m llm_jax.config`; every key, its default and meaning.",
+             "", "A resumed run refuses changed keys unless they are marked *free on resume* (they change only the "
+             "program or the schedule of work) or `--allow_config_change` is given.", ""]
     for section, keys in SCHEMA.items():
         lines += [f"## `{section}`", "", "| key | default | meaning |", "| --- | --- | --- |"]
         for name, key in keys.items():
             meaning = key.help
             if key.registry:
                 meaning += f" ({', '.join(key.registry_names())})"
+            if key.free_on_resume:
+                meaning += "; *free on resume*"
             lines.append(f"| `{section}.{name}` | `{key.default!r}` | {meaning} |")
         lines.append("")
     return "\n".join(lines)
@@ -266,6 +282,11 @@ def _check_train(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) 
              "change the batch size or the mesh")
     _require(config.data.seq_len <= config.model.max_len,
              f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
+    _require(train.nonfinite in NONFINITE_POLICIES,
+             f"train.nonfinite={train.nonfinite!r} must be one of {', '.join(NONFINITE_POLICIES)}")
+    _require(train.max_consecutive_skips >= 1, f"train.max_consecutive_skips={train.max_consecutive_skips} must be >= 1")
+    _require(train.loss_spike_factor == 0 or train.loss_spike_factor > 1,
+             f"train.loss_spike_factor={train.loss_spike_factor} must be 0 (off) or > 1")
     _require(opt.learning_rate > 0, f"optimizer.learning_rate={opt.learning_rate} must be > 0")
     _require(0 <= opt.warmup_steps, f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0")
     _require(0.0 < config.data.validation_fraction < 1.0,
@@ -296,6 +317,9 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Checks the whole config for `num_devices` devices; returns the resolved mesh shape."""
+    _require(isinstance(config, ml_collections.ConfigDict),
+             f"the config is a {type(config).__name__}, not a ConfigDict: an experiment's get_config() returns "
+             "llm_jax.config.default_config() with its changes")
     _check_schema(config)
     _check_model(config.model)
     _check_data(config.data)
@@ -312,18 +336,35 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def config_from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
     """Rebuilds a locked config from `config_to_dict` output (e.g. DIR/config.json), checking every key."""
     config = default_config()
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"saved config is a {type(values).__name__}, not an object of config sections")
     for section, keys in values.items():
         if section not in SCHEMA:
             raise ConfigError(f"unknown config section {section!r} in saved config")
+        if not isinstance(keys, Mapping):
+            raise ConfigError(f"config section {section!r} in saved config is a {type(keys).__name__}, not an object")
         for name, value in keys.items():
             if name not in SCHEMA[section]:
                 raise ConfigError(f"unknown config key {section}.{name} in saved config")
-            if name == "logical_axis_rules":
-                value = tuple((rule[0], tuple(rule[1]) if isinstance(rule[1], list) else rule[1]) for rule in value)
-            elif isinstance(SCHEMA[section][name].default, tuple):
-                value = tuple(value)  # JSON has lists; the config keeps its tuple type
-            config[section][name] = value
+            _set_saved(config, section, name, value)
     return config
+
+
+def _set_saved(config: ml_collections.ConfigDict, section: str, name: str, value: Any) -> None:
+    """Sets one saved (JSON) value with the config's own type; a value of another type names the key."""
+    try:
+        if name == "logical_axis_rules":
+            value = tuple((rule[0], tuple(rule[1]) if isinstance(rule[1], list) else rule[1]) for rule in value)
+        elif isinstance(SCHEMA[section][name].default, tuple):
+            value = tuple(value)  # JSON has lists; the config keeps its tuple type
+        config[section][name] = value
+    except (TypeError, ValueError, IndexError, KeyError) as error:
+        raise ConfigError(f"config key {section}.{name}={value!r} in saved config has the wrong type "
+                          f"({_one_line(error)})") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def override(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, Any]]) -> ml_collections.ConfigDict:

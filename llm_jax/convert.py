@@ -29,6 +29,7 @@ from llm_jax.cli import quiet_library_logs, run_reporting_errors
 from llm_jax.errors import ConfigError
 from llm_jax.interop import hf_bert
 from llm_jax.interop.hf_bert import ConversionError
+from llm_jax.training import run_record
 from llm_jax.models.model_config import ModelConfig, config_fields, model_config_to_json
 
 _FROM = flags.DEFINE_enum("from", None, ["hf"], "import from this format (with --src)")
@@ -56,9 +57,41 @@ def _read_json(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such file; --src must be a Hugging Face model folder")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            values = json.load(f)
     except json.JSONDecodeError as error:
         raise ConversionError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error
+    except UnicodeDecodeError as error:
+        raise ConversionError(f"{path}: not valid JSON (invalid UTF-8 at byte {error.start})") from error
+    if not isinstance(values, dict):
+        raise ConversionError(f"{path}: holds a JSON {type(values).__name__}, not an object of settings")
+    return values
+
+
+_HF_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+             "max_position_embeddings")  # positive ints; type_vocab_size may be 0
+_HF_NUMBERS = ("layer_norm_eps", "hidden_dropout_prob", "initializer_range")
+
+
+def _check_hf_types(hf_config: dict[str, Any], path: str) -> None:
+    """The entries the import reads have the JSON types BERT's config.json gives them; an edited or foreign
+    file is a ConversionError naming the entry, before any value is used."""
+    def bad(key: str, what: str) -> ConversionError:
+        return ConversionError(f"{path}: {key}={hf_config[key]!r} must be {what}")
+
+    for key in _HF_SIZES + ("type_vocab_size",):
+        value = hf_config.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "type_vocab_size" else 1):
+            raise bad(key, "a positive integer" if key != "type_vocab_size" else "an integer >= 0")
+    for key in _HF_NUMBERS:
+        if key in hf_config and (not isinstance(hf_config[key], (int, float)) or isinstance(hf_config[key], bool)):
+            raise bad(key, "a number")
+    architectures = hf_config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(name, str) for name in architectures)):
+        raise bad("architectures", "a list of class names")
+    for key in ("model_type", "hidden_act", "position_embedding_type"):
+        if key in hf_config and not isinstance(hf_config[key], str):
+            raise bad(key, "a string")
 
 
 def _weight_files(src: str) -> list[str]:
@@ -67,8 +100,10 @@ def _weight_files(src: str) -> list[str]:
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        return [os.path.join(src, shard) for shard in shards]
+        weight_map = _read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise ConversionError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        return [os.path.join(src, shard) for shard in sorted(set(weight_map.values()))]
     found = ", ".join(sorted(os.listdir(src))) if os.path.isdir(src) else "the folder does not exist"
     raise FileNotFoundError(f"{single}: no such file (found: {found}); only safetensors weights are read: "
                             "re-save a pytorch_model.bin with transformers' save_pretrained(safe_serialization=True)")
@@ -185,12 +220,9 @@ def _save_state(workdir: str, config: ml_collections.ConfigDict, params: Any) ->
 
 def _write_run_config(workdir: str, config: ml_collections.ConfigDict, mc: ModelConfig, src: str) -> None:
     from llm_jax.provenance import provenance
-    from llm_jax.training.run import CONFIG_FILE
 
-    payload = {"config": config_lib.config_to_dict(config), "model_config": model_config_to_json(mc),
-               "provenance": {**provenance(MESH_1x1x1), "imported_from": {"format": "hf", "path": src}}}
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        json.dump(payload, f, indent=2, default=str)
+    run_record.write_first_start(workdir, config, mc, {**provenance(MESH_1x1x1),
+                                                        "imported_from": {"format": "hf", "path": src}})
 
 
 def _check_fresh_workdir(workdir: str) -> None:
@@ -208,6 +240,7 @@ def import_hf(src: str, workdir: str, vocab_pad_multiple: int = 128, data_path: 
     _check_fresh_workdir(workdir)
     config_path = os.path.join(src, HF_CONFIG)
     hf_config = _read_json(config_path)
+    _check_hf_types(hf_config, config_path)
     files = _weight_files(src)
     shapes = _tensor_shapes(files)
     weights_source = files[0] if len(files) == 1 else os.path.join(src, HF_INDEX)
@@ -233,8 +266,10 @@ def import_hf(src: str, workdir: str, vocab_pad_multiple: int = 128, data_path: 
 
 def _restore_params(workdir: str) -> tuple[Any, Any]:
     """(run, params of the latest checkpoint) of the work directory, as generate does."""
+    from llm_jax.cli import check_saved_run
     from llm_jax.training.run import build_saved_run, restore_latest_params
 
+    check_saved_run(workdir)
     run = build_saved_run(workdir, with_data=False)
     step, params = restore_latest_params(run)
     logging.info("exporting step %d of %s", step, workdir)

@@ -19,6 +19,10 @@ class WorkdirError(UserError):
     """The work directory cannot be used: held by another command, unwritable, or holding another run."""
 
 
+class MetricsFileError(WorkdirError, ValueError):
+    """DIR/metrics.jsonl holds a line that is not a metrics record (edited or corrupted); names PATH:LINE."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be restored; the message names its step directory and what is wrong."""
 

@@ -10,11 +10,12 @@ import json
 import jax
 from absl import app, flags, logging
 
-from llm_jax.cli import quiet_library_logs, run_reporting_errors
+from llm_jax.cli import check_saved_run, quiet_library_logs, run_reporting_errors
 from llm_jax.errors import ConfigError
 from llm_jax.training.evaluation import Evaluator
 from llm_jax.training.metrics import MetricsWriter
 from llm_jax.training.run import build_saved_run, restore_latest_params
+from llm_jax.workdir_lock import metrics_lock
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by llm_jax.train")
 _SPLIT = flags.DEFINE_string("split", None, "split to evaluate (default: the run's data.eval_split)")
@@ -27,6 +28,9 @@ def evaluate_checkpoint(workdir: str, split: str | None, eval_steps: int | None
                         ) -> tuple[int, dict[str, float], str]:
     """(step, metrics, the task's report, e.g. per-class precision/recall) of the latest checkpoint; the metric
     names carry the split unless it is the run's evaluation split (data.eval_split)."""
+    if eval_steps is not None and eval_steps != -1 and eval_steps < 1:
+        raise ConfigError(f"--eval_steps={eval_steps}: give a number of batches >= 1, or -1 for the whole split")
+    check_saved_run(workdir)
     run = build_saved_run(workdir, with_data=True)
     split = split or run.config.data.eval_split
     step, params = restore_latest_params(run)
@@ -46,9 +50,10 @@ def main(argv: list[str]) -> None:
 
     def evaluate_and_report() -> None:
         step, metrics, report = evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _EVAL_STEPS.value)
-        writer = MetricsWriter(_WORKDIR.value)
-        writer.write(step, metrics)
-        writer.close()
+        with metrics_lock(_WORKDIR.value):  # a resuming trainer rewrites metrics.jsonl under the same lock
+            writer = MetricsWriter(_WORKDIR.value)
+            writer.write(step, metrics)
+            writer.close()
         logging.info("step %d | %s", step, metrics)
         if report:
             logging.info("step %d, split %s:\n%s", step, _SPLIT.value or "evaluation", report)

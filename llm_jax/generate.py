@@ -5,27 +5,45 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import jax
 from absl import app, flags, logging
 
-from llm_jax.cli import quiet_library_logs, run_reporting_errors
+from llm_jax.cli import check_saved_run, quiet_library_logs, run_reporting_errors
 from llm_jax.decoding.sampling import SamplingConfig, lm_logits, sample
+from llm_jax.errors import ConfigError
 from llm_jax.training.run import build_saved_run, restore_latest_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by llm_jax.train")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "text to continue")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "tokens to sample", lower_bound=0)
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "softmax temperature; 0 = greedy", lower_bound=0.0)
-_TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)", lower_bound=0)
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)", lower_bound=0.0, upper_bound=1.0)
+# ranges are checked by sampling_config, so each bad value is one line naming the flag
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "tokens to sample (>= 1)")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "softmax temperature (>= 0); 0 = greedy")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass in (0, 1] (1 = off)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed: the same seed gives the same text")
 flags.mark_flag_as_required("workdir")
 
 
+def sampling_config(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int) -> SamplingConfig:
+    """The sampling settings, checked before the run is loaded: a value that cannot sample is a ConfigError
+    naming its flag (top_p=0 would keep no token, a negative temperature inverts the distribution)."""
+    problems = [(max_new_tokens >= 1, f"--max_new_tokens={max_new_tokens}: sample at least 1 token"),
+                (math.isfinite(temperature) and temperature >= 0,
+                 f"--temperature={temperature}: give a temperature >= 0 (0 = greedy)"),
+                (top_k >= 0, f"--top_k={top_k}: give k >= 0 (0 = every token)"),
+                (0 < top_p <= 1, f"--top_p={top_p}: give a probability mass in (0, 1] (1 = off)")]
+    for ok, message in problems:
+        if not ok:
+            raise ConfigError(message)
+    return SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
+
+
 def generate_text(workdir: str, prompt: str, sampling: SamplingConfig) -> str:
     """The prompt's continuation (without the prompt) from the latest checkpoint in `workdir`."""
+    check_saved_run(workdir)
     run = build_saved_run(workdir, with_data=False)
     if "lm" not in run.model_config.heads:
         raise ValueError(f"{workdir} holds a {run.model_config.family} model without a language-model head: "
@@ -44,9 +62,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_library_logs()
-    sampling = SamplingConfig(_MAX_NEW_TOKENS.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
 
     def generate_and_print() -> None:
+        sampling = sampling_config(_MAX_NEW_TOKENS.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
+                                   _SEED.value)
+        if not _PROMPT.value:
+            raise ConfigError("--prompt is empty: give text to continue (the default is a newline)")
         sys.stdout.write(generate_text(_WORKDIR.value, _PROMPT.value, sampling) + "\n")
         sys.stdout.flush()
 

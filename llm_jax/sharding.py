@@ -11,8 +11,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llm_jax.config import MESH_AXES
+from llm_jax.errors import ConfigError
 
 Rules = tuple[tuple[str, Any], ...]
+
+# Logical names of the vocabulary dimensions in llm_jax.models: embedding/output parameters, and the logits.
+VOCAB_LOGICAL_AXES = ("vocab", "act_vocab")
 
 
 def build_mesh(mesh_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -26,6 +30,32 @@ def logical_rules(mesh_config: ml_collections.ConfigDict) -> Rules:
     """The rule table as hashable tuples (ConfigDict may hand back lists)."""
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                  for name, axes in mesh_config.logical_axis_rules)
+
+
+def mesh_axes_of(rules: Rules, logical_names: Sequence[str]) -> tuple[str, ...]:
+    """The mesh axes that any rule for one of `logical_names` maps to, each once, in rule order.
+
+    Every rule for a name counts, fallbacks too: flax takes a later rule for a name when an earlier rule's mesh
+    axis is already used by another dimension of the array, so any of them may end up sharding it.
+    """
+    axes: list[str] = []
+    for name, mesh_axes in rules:
+        if name in logical_names:
+            for axis in (mesh_axes,) if mesh_axes is None or isinstance(mesh_axes, str) else mesh_axes:
+                if axis is not None and axis not in axes:
+                    axes.append(axis)
+    return tuple(axes)
+
+
+def vocab_shard_sizes(mesh_sizes: dict[str, int], rules: Rules) -> dict[str, int]:
+    """{mesh axis: size} of the axes the vocabulary dimensions are split over under `rules`; the padded
+    vocabulary must be a multiple of their product (llm_jax.models.model_config.padded_vocab)."""
+    axes = mesh_axes_of(rules, VOCAB_LOGICAL_AXES)
+    unknown = [axis for axis in axes if axis not in mesh_sizes]
+    if unknown:
+        raise ConfigError(f"mesh.logical_axis_rules maps {'/'.join(VOCAB_LOGICAL_AXES)} to unknown mesh axes "
+                          f"{unknown}; use axes of {MESH_AXES}")
+    return {axis: mesh_sizes[axis] for axis in axes}
 
 
 def logical_sharding(mesh: Mesh, rules: Rules, logical_axes: Sequence[str | None]) -> NamedSharding:

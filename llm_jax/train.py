@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from llm_jax import distributed
-from llm_jax.cli import quiet_library_logs, run_reporting_errors
+from llm_jax.cli import define_experiment_flag, quiet_library_logs, run_reporting_errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file, e.g. experiments/shakespeare_char.py[:arg]",
-                                          lock_config=True)
+_CONFIG = define_experiment_flag("config", "experiment file, e.g. experiments/shakespeare_char.py[:arg]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: config.json, metrics, checkpoints")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile the train step, print per-device memory, exit")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs)")
@@ -26,6 +24,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
 _JAX_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "call jax.distributed.initialize() with JAX's own "
                                      "cluster detection (Cloud TPU pod slices; SLURM is detected without it)")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume although keys that change the "
+                                          "parameters, optimizer state or data stream differ from the run's")
+_RESTORE_FALLBACK = flags.DEFINE_bool("restore_fallback", False, "when the newest checkpoint cannot be restored, "
+                                      "resume from the newest one that can (the unreadable ones are moved to "
+                                      "DIR/corrupt_checkpoints)")
 _INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 120, "seconds to wait for the coordinator and peers")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -35,17 +38,20 @@ def _run() -> None:
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, initialization_timeout_s=_INIT_TIMEOUT.value,
         heartbeat_timeout_s=_INIT_TIMEOUT.value, auto=_JAX_DISTRIBUTED.value))
     import jax
+    from llm_jax.workdir_lock import acquire_run_lock
 
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # one process reports progress; all report problems
-    from llm_jax.training import aot, loop  # after jax.distributed: these modules may touch devices
+    with acquire_run_lock(_WORKDIR.value, "llm_jax.train", enabled=jax.process_index() == 0):
+        from llm_jax.training import aot, loop  # after jax.distributed: these modules may touch devices
 
-    if _COMPILE_ONLY.value:
-        report = aot.compile_report(_CONFIG.value, _WORKDIR.value)
-        logging.info("compiled: %s", report)
-        print(json.dumps(report))
-        return
-    loop.train(_CONFIG.value, _WORKDIR.value)
+        if _COMPILE_ONLY.value:
+            report = aot.compile_report(_CONFIG.value, _WORKDIR.value)
+            logging.info("compiled: %s", report)
+            print(json.dumps(report))
+            return
+        loop.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                   restore_fallback=_RESTORE_FALLBACK.value)
 
 
 def main(argv: list[str]) -> None:

@@ -139,3 +139,104 @@ def test_log_progress_uses_absl_info(monkeypatch):
     monkeypatch.setattr(metrics_lib.logging, "info", lambda fmt, *args: logged.append(fmt % args))
     metrics_lib.log_progress("step 1/2 | loss 1.0000")
     assert logged == ["step 1/2 | loss 1.0000"]
+
+
+def _write_lines(path, text: str) -> None:
+    path.write_bytes(text.encode())
+
+
+@pytest.mark.parametrize(
+    "last_line",
+    ['{"step": 3, "train/lo', '{"step": 3, "train/loss": 1.0}', "\0\0\0\n"],
+    ids=["cut-mid-record", "cut-before-newline", "garbage-after-power-loss"],
+)
+def test_read_metrics_ignores_a_torn_last_line(tmp_path, monkeypatch, last_line):
+    warnings = []
+    monkeypatch.setattr(metrics_lib.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
+    path = tmp_path / "metrics.jsonl"
+    _write_lines(path, '{"step": 1, "train/loss": 3.0}\n{"step": 2, "train/loss": 2.0}\n' + last_line)
+
+    assert metrics_lib.read_metrics(str(path)) == [{"step": 1, "train/loss": 3.0}, {"step": 2, "train/loss": 2.0}]
+    assert len(warnings) == 1 and f"{path}:3" in warnings[0]
+
+
+def test_read_metrics_rejects_a_corrupt_middle_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _write_lines(path, '{"step": 1}\n{"step": 2, "train/lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: .*fix or delete that line"):
+        metrics_lib.read_metrics(str(path))
+
+
+def test_read_run_metrics_of_a_run_without_metrics_is_empty(tmp_path):
+    assert metrics_lib.read_run_metrics(str(tmp_path)) == []
+    with pytest.raises(FileNotFoundError):
+        metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
+
+
+def test_writer_cuts_a_torn_line_before_appending(tmp_path):
+    _write_lines(tmp_path / "metrics.jsonl", '{"step": 1, "train/loss": 3.0}\n{"step": 2, "train/lo')
+    writer = metrics_lib.MetricsWriter(str(tmp_path), enabled=True)
+    writer.write(2, {"train/loss": 2.0})
+    writer.close()
+    assert metrics_lib.read_run_metrics(str(tmp_path)) == [
+        {"step": 1, "train/loss": 3.0}, {"step": 2, "train/loss": 2.0}]
+
+
+@pytest.mark.parametrize("step, kept", [(5, [0, 5, 5]), (-1, []), (100, [0, 5, 5, 10])])
+def test_keep_metrics_through_keeps_the_steps_up_to_it(tmp_path, step, kept):
+    lines = [{"step": 0, "data": 1}, {"step": 5, "train/loss": 2.0}, {"step": 5, "eval/loss": None},
+             {"step": 10, "train/loss": 1.0}]
+    _write_lines(tmp_path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 11, "tr')
+
+    metrics_lib.keep_metrics_through(str(tmp_path), step)
+
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert text == "".join(json.dumps(r) + "\n" for r in lines if r["step"] <= step)
+    assert [r["step"] for r in metrics_lib.read_run_metrics(str(tmp_path))] == kept
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_keep_metrics_through_without_a_file_creates_none(tmp_path):
+    metrics_lib.keep_metrics_through(str(tmp_path), 5)
+    assert os.listdir(tmp_path) == []
+
+
+def test_keep_metrics_through_syncs_then_renames(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    original = b'{"step": 1}\n{"step": 2}\n'
+    path.write_bytes(original)
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(metrics_lib.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+
+    def crash(src, dst):
+        calls.append("replace")
+        assert open(src, "rb").read() == b'{"step": 1}\n'  # complete and synced before the rename
+        raise OSError("killed")
+
+    monkeypatch.setattr(metrics_lib.os, "replace", crash)
+    with pytest.raises(OSError, match="killed"):
+        metrics_lib.keep_metrics_through(str(tmp_path), 1)
+    assert calls == ["fsync", "replace"]
+    assert path.read_bytes() == original
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_restart_hides_the_replaced_steps_in_tensorboard(tmp_path, monkeypatch):
+    # Both writers start within the same second: the second file must still be loaded last.
+    monkeypatch.setattr(metrics_lib.time, "time", lambda: 1_700_000_000.5)
+    first = metrics_lib.MetricsWriter(str(tmp_path), enabled=True)
+    for step in range(1, 11):
+        first.write(step, {"train/loss": float(step)})
+    first.close()
+    resumed = metrics_lib.MetricsWriter(str(tmp_path), enabled=True, restart_step=5)
+    for step in range(6, 9):
+        resumed.write(step, {"train/loss": 100.0 + step})
+    resumed.close()
+
+    accumulator = event_accumulator.EventAccumulator(
+        str(tmp_path / "tensorboard"), size_guidance={event_accumulator.SCALARS: 0}
+    )
+    accumulator.Reload()
+    scalars = [(e.step, e.value) for e in accumulator.Scalars("train/loss")]
+    assert scalars == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 106.0), (7, 107.0), (8, 108.0)]

@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import needs
 from llm_jax import config as config_lib
 from configs.encoders import BERT_ARCHITECTURE
-from llm_jax.sharding import batch_shardings, global_batch
+from llm_jax.errors import ConfigError
+from llm_jax.models.model_config import build_model_config
+from llm_jax.sharding import batch_shardings, global_batch, logical_rules, mesh_axes_of, vocab_shard_sizes
 from llm_jax.training.run import build_run, model_inputs_fn
 from llm_jax.training.state import init_state
 from llm_jax.training.steps import make_train_step
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS from conftest)")
+needs(jax.device_count() >= 8, "needs 8 devices (XLA_FLAGS from conftest)")
 
 
 def _config(text_path, use_bias=False, **mesh):
@@ -133,3 +136,55 @@ def test_parameters_are_sharded_by_the_rules(text_file, tmp_path):
     up = params["block_0"]["mlp"]["up"]["kernel"]
     assert up.addressable_shards[0].data.shape == (16, 64), "a (32, 128) kernel splits 2 x 2 over fsdp x tensor"
     assert state.opt_state[1][0].mu["block_0"]["mlp"]["up"]["kernel"].sharding.spec == P("fsdp", "tensor")
+
+
+def _padded(vocab, rules=None, pad_multiple=128, padded_vocab_size=None, **mesh):
+    """The padded vocabulary build_run gives a `mesh` (unnamed axes 1) under `rules` (default: the config's)."""
+    config = config_lib.default_config()
+    config.model.vocab_pad_multiple = pad_multiple
+    if rules is not None:
+        config.mesh.logical_axis_rules = rules
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, **mesh}
+    shards = vocab_shard_sizes(sizes, logical_rules(config.mesh))
+    return build_model_config(config.model, vocab, shards, padded_vocab_size=padded_vocab_size).padded_vocab_size
+
+
+@pytest.mark.parametrize("mesh", [{"data": 3}, {"fsdp": 3}, {"data": 6}, {"data": 5}, {"data": 2, "fsdp": 7}])
+def test_default_rules_pad_the_vocabulary_only_for_the_tensor_axis(mesh):
+    # The old rule (every mesh axis) gave 50560 for data=5 and 51072 for fsdp=7.
+    assert _padded(50257, **mesh) == 50304
+    assert _padded(65, **mesh) == 128  # the old rule: 384 for data=3
+
+
+def test_the_tensor_axis_pads_the_vocabulary():
+    assert _padded(65, tensor=3) == 384
+    assert _padded(50257, tensor=3) % 384 == 0
+    assert _padded(50257, tensor=5) == 50560
+
+
+def test_custom_rules_pad_for_every_mesh_axis_the_vocabulary_maps_to():
+    rules = [(name, axes) for name, axes in config_lib.DEFAULT_LOGICAL_AXIS_RULES if name != "vocab"]
+    rules.append(("vocab", ("tensor", "fsdp")))
+    assert _padded(65, rules, tensor=2, fsdp=3) == 384
+    assert _padded(65, rules, pad_multiple=1, tensor=2, fsdp=2) == 68, "the product of the axes, not their lcm"
+    # act_vocab (the logits) counts beside vocab (the parameters); a rule to None shards nothing.
+    assert mesh_axes_of((("vocab", "tensor"), ("act_vocab", "data"), ("vocab", None)), ("vocab", "act_vocab")) \
+        == ("tensor", "data")
+
+
+def test_a_saved_padded_vocabulary_is_kept_on_a_mesh_that_divides_it():
+    assert _padded(50257, padded_vocab_size=50560, data=8) == 50560
+    assert _padded(50257, padded_vocab_size=50304, tensor=2) == 50304
+
+
+def test_a_saved_padded_vocabulary_the_tensor_axis_does_not_divide_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"padded vocabulary size 50304 .*mesh\.tensor=5"):
+        _padded(50257, padded_vocab_size=50304, tensor=5)
+    with pytest.raises(ConfigError, match="padded vocabulary size 50176 .*smaller than the 50257-id vocabulary"):
+        _padded(50257, padded_vocab_size=50176)
+
+
+def test_build_run_uses_the_given_padded_vocabulary(text_file, tmp_path):
+    run = build_run(_config(text_file, data=8), str(tmp_path), devices=jax.devices(), padded_vocab_size=384)
+    assert run.model_config.padded_vocab_size == 384
+    assert run.abstract_state.params["token_embedding"]["embedding"].shape == (384, 32)

@@ -205,3 +205,68 @@ def test_learning_rate_metric_is_the_schedule_at_each_step(run, state, chunk_res
     after_first, first_metrics = after_first_step
     assert float(first_metrics["train/learning_rate"]) == 0.0
     assert _max_change(after_first.params, state.params) == 0.0
+
+
+# ----------------------------------------------------------------------------- non-finite updates
+
+
+def test_skip_nonfinite_keeps_the_previous_state_for_a_nan_step_and_applies_the_next(run, state, batches):
+    """A NaN loss at step 1 (NaN token weights) is skipped on device; the chunk then ends where steps 0 and 2
+    alone would have taken it. Without the guard the NaN reaches the parameters."""
+    poisoned = {key: np.array(value) for key, value in batches.items()}
+    poisoned["weights"][1] = np.nan
+    three = {key: value[:3] for key, value in poisoned.items()}
+    skip = make_train_step(run.model, run.task, run.tx, run.schedule, 1, use_dropout=False, skip_nonfinite=True)
+    plain = make_train_step(run.model, run.task, run.tx, run.schedule, 1, use_dropout=False)
+    skipped_state, metrics = _call(run, _jit(run, make_train_chunk(skip), stacked=True), state, three)
+    np.testing.assert_array_equal(metrics["train/skipped"], [0.0, 1.0, 0.0])
+    assert int(skipped_state.step) == 3, "the skipped step still consumed its batch"
+    expected = state
+    for i in (0, 2):
+        expected, _ = _call(run, _jit(run, plain), expected, _batch(poisoned, i))
+    _assert_trees_close(skipped_state.params, expected.params, rel=1e-6)
+    _assert_trees_close(skipped_state.opt_state, expected.opt_state, rel=1e-6)
+    unguarded, _ = _call(run, _jit(run, make_train_chunk(plain), stacked=True), state, three)
+    assert not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(unguarded.params)))
+
+
+def _guard(policy: str, max_skips: int = 2, spike_factor: float = 3.0):
+    from llm_jax.training.loop import NonfiniteGuard
+
+    train = config_lib.default_config().train
+    train.update(nonfinite=policy, max_consecutive_skips=max_skips, loss_spike_factor=spike_factor)
+    return NonfiniteGuard(train)
+
+
+def _chunk(losses, norms=None, skipped=None):
+    metrics = {"train/loss": np.array(losses, np.float32),
+               "train/grad_norm": np.array(norms if norms is not None else [1.0] * len(losses), np.float32)}
+    if skipped is not None:
+        metrics["train/skipped"] = np.array(skipped, np.float32)
+    return metrics
+
+
+def test_nonfinite_stop_names_the_first_bad_step_of_loss_or_gradient():
+    from llm_jax.errors import TrainingDivergedError
+
+    guard = _guard("stop")
+    guard.check(0, _chunk([2.0, 1.9]))
+    with pytest.raises(TrainingDivergedError, match="train/grad_norm inf at step 4"):
+        guard.check(2, _chunk([1.8, 1.7, np.nan], norms=[1.0, np.inf, 1.0]))
+
+
+def test_nonfinite_skip_counts_runs_of_skips_and_stops_after_too_many(caplog):
+    from llm_jax.errors import TrainingDivergedError
+
+    guard = _guard("skip", max_skips=2)
+    guard.check(0, _chunk([2.0, np.nan, np.nan, 1.9], skipped=[0, 1, 1, 0]))  # two in a row: allowed
+    with pytest.raises(TrainingDivergedError, match="3 updates in a row were skipped .* up to step 7"):
+        guard.check(4, _chunk([np.nan, np.nan, np.nan], skipped=[1, 1, 1]))
+
+
+def test_a_loss_spike_is_logged_with_its_step(caplog):
+    guard = _guard("stop", spike_factor=3.0)
+    with caplog.at_level("WARNING"):
+        guard.check(0, _chunk([2.0, 2.1, 1.9, 9.0, 2.0]))
+    assert [record.getMessage() for record in caplog.records if "spike" in record.getMessage()] == \
+        ["loss spike at step 4: train/loss 9.0000 is 4.5x the running average 1.9990"]

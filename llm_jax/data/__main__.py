@@ -14,9 +14,8 @@ The command is the first positional argument; flags may come before or after it.
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from llm_jax.cli import quiet_library_logs, run_reporting_errors
+from llm_jax.cli import define_experiment_flag, quiet_library_logs, run_reporting_errors
 from llm_jax.data import cli
 
 # where the dataset lives (every command)
@@ -53,9 +52,8 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "inspect: packed row length")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 2, "inspect: packed rows to show")
 _SPLIT = flags.DEFINE_string("split", "train", "inspect: the split to read")
 _MAX_CHARS = flags.DEFINE_integer("max_chars", 60, "inspect: characters of each segment's text to show")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "inspect: an experiment file; shows the first training "
-                                          "batch its data pipeline builds (instead of --data_dir/--name)",
-                                          lock_config=True)
+_CONFIG = define_experiment_flag("config", "inspect: an experiment file; shows the first training batch its data "
+                                 "pipeline builds (instead of --data_dir/--name)")
 
 
 def _delimiter(value: str) -> str:

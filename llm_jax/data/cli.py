@@ -17,13 +17,14 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from llm_jax.config import ConfigError, default_config
+from llm_jax.errors import UserError
 from llm_jax.data.sources import local_record_text
 from llm_jax.data.tokenizers import special_ids
 
 COMMANDS = ("prepare", "train-tokenizer", "inspect", "stats")
 
 
-class CommandError(ValueError):
+class CommandError(UserError, ValueError):
     """A problem the user can act on; the message says what to do."""
 
 
@@ -93,10 +94,13 @@ def prepare(*, kind: str, paths: Sequence[str], data_dir: str, name: str, split_
         raise CommandError("give --data_dir (where prepared datasets live) and --name (this dataset's name)")
 
     def source(files: Sequence[str]) -> tfds_sources.LocalSource:
-        return tfds_sources.LocalSource(
-            kind=kind, paths=tuple(files), split_by=split_by, text_field=text_field,
-            text_columns=tuple(text_columns), label_column=label_column or None,
-            labels=tuple(labels) if labels else None, has_header=has_header, delimiter=delimiter)
+        try:
+            return tfds_sources.LocalSource(
+                kind=kind, paths=tuple(files), split_by=split_by, text_field=text_field,
+                text_columns=tuple(text_columns), label_column=label_column or None,
+                labels=tuple(labels) if labels else None, has_header=has_header, delimiter=delimiter)
+        except ValueError as error:  # its fields are the flags of the same names
+            raise CommandError(str(error).replace("LocalSource.", "--")) from None
 
     splits = {"validation": source(validation_paths)} if validation_paths else None
     with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress lines: keep stdout for the report
@@ -119,8 +123,14 @@ def training_text(*, data_dir: str | None = None, name: str | None = None, text_
     if text_file:
         if not os.path.isfile(text_file):
             raise CommandError(f"--text_file={text_file}: no such file (working directory {os.getcwd()})")
-        with open(text_file, encoding="utf-8") as f:
-            return f.read()
+        with open(text_file, "rb") as f:
+            data = f.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            raise CommandError(f"--text_file={text_file}:{line}: invalid UTF-8 at byte offset {error.start} "
+                               f"({error.reason}); give a UTF-8 text file") from None
     if not (data_dir and name):
         raise CommandError("give the training text: --data_dir and --name of a prepared dataset, or --text_file")
     return "\n".join(local_record_text(r) for r in _records(data_dir, name, "train"))

@@ -65,6 +65,16 @@ def _shard(documents: Documents, shard: Shard, what: str) -> grain.MapDataset:
     return records
 
 
+def _check_has_text(records: grain.MapDataset, text_of: Callable[[Record], str], what: str) -> None:
+    """At least one record of the shard has text: the endless training stream would otherwise wait forever for
+    a token. Reads records only up to the first with text (one, normally)."""
+    for index in range(len(records)):
+        if text_of(records[index]):
+            return
+    raise ConfigError(f"{what}: all {len(records)} records of this input shard have empty texts, so training "
+                      "would wait forever for a token: check data.text_field (or data.text_columns) and the files")
+
+
 def _context(tokenizer: Tokenizer, data: ml_collections.ConfigDict, training: bool) -> RowContext:
     return RowContext(tokenizer, data, read_options(data), training)
 
@@ -75,8 +85,9 @@ def train_batches(components: Sequence[Documents], tokenizer: Tokenizer, data: m
     into rows by the task (`llm_jax.tasks.base.Task.rows`)."""
     shuffled = []
     for index, documents in enumerate(components):
-        records = _shard(documents, shard, "the training split" if len(components) == 1 else
-                         f"data.mixture[{index}]")
+        what = "the training split" if len(components) == 1 else f"data.mixture[{index}]"
+        records = _shard(documents, shard, what)
+        _check_has_text(records, documents.text_of, what)
         shuffled.append(records.shuffle(seed=data.seed + index).repeat().map(AddDocument(documents.text_of)))
     if len(shuffled) == 1:
         mixed = shuffled[0]

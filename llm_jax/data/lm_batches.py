@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from llm_jax.data.packing import stack_rows
+from llm_jax.errors import ConfigError
 from llm_jax.tasks.base import Batch
 
 _EVAL_STREAM = 0x5EED  # keeps evaluation windows apart from training windows for the same seed
@@ -30,7 +31,8 @@ class RandomWindowStream:
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
                  rows: tuple[int, int] | None = None):
         if len(tokens) <= seq_len + 1:
-            raise ValueError(f"the training split has {len(tokens)} tokens, fewer than data.seq_len+2={seq_len + 2}")
+            raise ConfigError(f"the training split has {len(tokens)} tokens, fewer than data.seq_len+2={seq_len + 2}: "
+                              "use more text (data.path) or a smaller data.seq_len")
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.global_batch = global_batch
         self.rows = rows or (0, global_batch)
@@ -55,10 +57,10 @@ class RandomWindowStream:
 
     def set_state(self, state: dict) -> None:
         if "next_step" not in state:
-            raise ValueError(f"the checkpoint's data state {sorted(state)} was not written by the windows pipeline: "
-                             "resume with the data.pipeline the run started with")
+            raise ConfigError(f"the checkpoint's data state {sorted(state)} was not written by the windows pipeline: "
+                              "resume with the data.pipeline the run started with")
         if state["seed"] != self.seed:
-            raise ValueError(f"checkpoint was written with data.seed={state['seed']}, config has {self.seed}")
+            raise ConfigError(f"checkpoint was written with data.seed={state['seed']}, config has {self.seed}")
         self.next_step = int(state["next_step"])
 
 
@@ -66,7 +68,9 @@ def fixed_windows(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
                   rows: tuple[int, int] | None = None) -> Iterator[Batch]:
     """The same `num_batches` random-window batches every call: evaluations stay comparable."""
     if len(tokens) <= seq_len + 1:
-        raise ValueError(f"the evaluation split has {len(tokens)} tokens, fewer than data.seq_len+2={seq_len + 2}")
+        raise ConfigError(f"the evaluation split has {len(tokens)} tokens, fewer than data.seq_len+2={seq_len + 2}: "
+                          "use more evaluation text (data.eval_path, data.validation_fraction) or a smaller "
+                          "data.seq_len")
     start, stop = rows or (0, global_batch)
     for i in range(num_batches):
         rng = np.random.default_rng((seed, _EVAL_STREAM, i))

@@ -164,6 +164,10 @@ def build_window_data(config: ml_collections.ConfigDict, rows: tuple[int, int],
         split_at = int(len(tokens) * (1.0 - data.validation_fraction))
         split_tokens = {data.train_split: tokens[:split_at], data.eval_split: tokens[split_at:]}
     train = lm_batches.RandomWindowStream(split_tokens[data.train_split], data.seq_len, global_batch, data.seed, rows)
+    if len(split_tokens[data.eval_split]) <= data.seq_len + 1:  # found now, not at the first evaluation
+        raise ConfigError(f"the evaluation split {data.eval_split!r} has {len(split_tokens[data.eval_split])} tokens, "
+                          f"fewer than data.seq_len+2={data.seq_len + 2}: use more evaluation text (data.eval_path, "
+                          "data.validation_fraction) or a smaller data.seq_len")
 
     def eval_batches(split: str, num_batches: int) -> Iterator[Batch]:
         if split not in split_tokens:

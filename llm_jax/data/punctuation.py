@@ -45,11 +45,21 @@ def conll_sentences(text: str, words_per_example: int) -> Iterator[list[tuple[st
             start = stop
 
 
+def _read_text(path: str) -> str:
+    """The UTF-8 text of `path`; invalid UTF-8 is a ValueError naming the file, line and byte offset."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}:{line}: invalid UTF-8 at byte offset {error.start} ({error.reason})") from None
+
+
 def derive_conll(source_path: str, directory: str, words_per_example: int = 48) -> str:
     """Writes the CoNLL file of `source_path` into `directory` once (named by a hash of the text and the
     settings) and returns its path."""
-    with open(source_path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(source_path)
     digest = hashlib.sha256(f"{words_per_example}\n{text}".encode("utf-8")).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(source_path))[0]
     path = os.path.join(directory, f"{stem}-{digest}.conll")
@@ -58,6 +68,8 @@ def derive_conll(source_path: str, directory: str, words_per_example: int = 48) 
         lines = []
         for example in conll_sentences(text, words_per_example):
             lines += [f"{word}\t{tag}\n" for word, tag in example] + ["\n"]
+        if not lines:
+            raise ValueError(f"{source_path}: no words to label (the text is empty, or only headings and punctuation)")
         with open(f"{path}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
             f.writelines(lines)
         os.replace(f"{path}.{os.getpid()}.tmp", path)

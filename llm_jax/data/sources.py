@@ -65,6 +65,31 @@ def _paths(value: str, key: str) -> tuple[str, ...]:
     return paths
 
 
+def _files(data: ml_collections.ConfigDict, key: str) -> tuple[str, ...]:
+    """The paths of data.KEY, checked to name existing files (globs must match one): a ConfigError naming the
+    key and the path otherwise, before anything is prepared."""
+    from llm_jax.data.tfds_sources import expand_paths
+
+    paths = _paths(data[key], f"data.{key}")
+    try:
+        expand_paths(paths)
+    except ValueError as error:
+        raise ConfigError(f"data.{key}={data[key]!r}: {error}") from None
+    return paths
+
+
+def _local_source(data: ml_collections.ConfigDict, make_source: Callable[[tuple[str, ...]], Any],
+                  paths: tuple[str, ...]) -> Any:
+    """make_source(paths); its option checks (LocalSource fields are named like the data keys) become a
+    ConfigError naming the data key."""
+    try:
+        return make_source(paths)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"data.source={data.source!r}: {str(error).replace('LocalSource.', 'data.')}") from None
+
+
 def _dataset_name(source: str, paths: Sequence[str]) -> str:
     stem = os.path.splitext(os.path.basename(paths[0]))[0]
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{source}_{stem}").strip("._") or source
@@ -75,16 +100,16 @@ def prepare_local(data: ml_collections.ConfigDict, make_source: Callable[[tuple[
     """Prepares data.path (and data.eval_path as data.eval_split) once and returns their records."""
     from llm_jax.data import tfds_sources
 
-    splits = {data.train_split: make_source(_paths(data.path, "data.path"))}
+    splits = {data.train_split: _local_source(data, make_source, _files(data, "path"))}
     if data.eval_path:
         if data.eval_split == data.train_split:
             raise ConfigError(f"data.eval_split={data.eval_split!r} is also data.train_split: name them differently")
-        splits[data.eval_split] = make_source(_paths(data.eval_path, "data.eval_path"))
+        splits[data.eval_split] = _local_source(data, make_source, _files(data, "eval_path"))
     if data.test_path:
         if TEST_SPLIT in (data.train_split, data.eval_split):
             raise ConfigError(f"data.test_path is read as the split {TEST_SPLIT!r}, which is also data.train_split or "
                               "data.eval_split: name those differently")
-        splits[TEST_SPLIT] = make_source(_paths(data.test_path, "data.test_path"))
+        splits[TEST_SPLIT] = _local_source(data, make_source, _files(data, "test_path"))
     name = name or _dataset_name(data.source, splits[data.train_split].paths)
     try:
         builder = tfds_sources.prepare(None, tfds_data_dir(data), splits=splits, name=name,
@@ -188,11 +213,18 @@ def punctuation_restoration(data: ml_collections.ConfigDict) -> SourceSplits:
     if tuple(data.labels) != punctuation.PUNCTUATION_LABELS:
         raise ConfigError(f"data.source=punctuation tags words with {punctuation.PUNCTUATION_LABELS}: set data.labels "
                           f"to that tuple (got {tuple(data.labels)})")
+    from llm_jax.data.tfds_sources import expand_paths
+
     directory = os.path.join(tfds_data_dir(data), "punctuation_source")
     local = data.copy_and_resolve_references()
     for key in ("path", "eval_path", "test_path"):
         if data[key]:
-            local[key] = ",".join(punctuation.derive_conll(path, directory) for path in _paths(data[key], f"data.{key}"))
+            files = expand_paths(_files(data, key))
+            try:
+                derived = [punctuation.derive_conll(path, directory) for path in files]
+            except ValueError as error:  # the text cannot be read or has no words: name the file and key
+                raise ConfigError(f"data.{key}: {error}") from None
+            local[key] = ",".join(derived)
     local.conll_columns = (0, 1)
     return conll_files(local)
 

@@ -194,6 +194,9 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
             files.update(os.path.abspath(m) for m in matches)
         elif os.path.isfile(pattern):
             files.add(os.path.abspath(pattern))
+        elif os.path.isdir(pattern):
+            raise ValueError(f"{pattern}: is a directory, not a file; name its files, e.g. with a glob such as "
+                             f"{os.path.join(pattern, '*.txt')}")
         else:
             raise ValueError(f"{pattern}: no such file (working directory {os.getcwd()})")
     return sorted(files)

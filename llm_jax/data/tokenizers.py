@@ -23,9 +23,18 @@ import tiktoken
 import tokenizers as hf_tokenizers
 
 from llm_jax.config import ConfigError, default_config
+from llm_jax.errors import UserError
 from llm_jax.registry import Registry
 
 TOKENIZER_FILE = "tokenizer.json"
+
+
+class TokenizerFileError(UserError, ValueError):
+    """A tokenizer file (DIR/tokenizer/*, a vocab.txt, a model file) that cannot be used; names the file."""
+
+
+class MissingTokenizerFileError(UserError, FileNotFoundError):
+    """A tokenizer file that does not exist; names the file."""
 
 
 class Tokenizer(Protocol):
@@ -68,11 +77,13 @@ def _file_error(path: str, key: str | None, problem: str, missing: bool = False)
     """An error naming the file and, when a config key points at it, the key."""
     if key:
         return ConfigError(f"{key}={path!r}: {problem}")
-    return (FileNotFoundError if missing else ValueError)(f"{path}: {problem}")
+    return (MissingTokenizerFileError if missing else TokenizerFileError)(f"{path}: {problem}")
 
 
 def _read_bytes(path: str, key: str | None = None) -> bytes:
     """The bytes of `path`; a missing or unreadable file is an error naming it (and `key`)."""
+    if os.path.isdir(path):
+        raise _file_error(path, key, "is a directory; name the file in it")
     if not os.path.isfile(path):
         raise _file_error(path, key, f"no such file (working directory {os.getcwd()})", missing=True)
     try:
@@ -89,8 +100,8 @@ def _sha256(payload: bytes) -> str:
 def _check_digest(payload: bytes, spec: dict, path: str) -> None:
     """A saved file must be the one tokenizer.json was written with."""
     if spec.get("sha256") not in (None, _sha256(payload)):
-        raise ValueError(f"{path} changed since {TOKENIZER_FILE} was written (sha256 mismatch): "
-                         "the ids of this run cannot be reproduced from it")
+        raise TokenizerFileError(f"{path} changed since {TOKENIZER_FILE} was written (sha256 mismatch): "
+                                 "the ids of this run cannot be reproduced from it")
 
 
 def _checked_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
@@ -126,7 +137,9 @@ class CharTokenizer:
     def encode(self, text: str) -> np.ndarray:
         unknown = sorted(set(text) - self._ids.keys())
         if unknown:
-            raise ValueError(f"characters {unknown!r} are not in the char vocabulary of {self.vocab_size}")
+            raise ConfigError(f"characters {unknown!r} are not in the char vocabulary of {self.vocab_size}, learnt "
+                              "from the training text (data.tokenizer=char): use data.tokenizer=byte, or train on "
+                              "text that has them")
         return np.fromiter((self._ids[c] for c in text), dtype=np.int32, count=len(text))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -504,6 +517,24 @@ def load_tokenizer(directory: str) -> Tokenizer:
     path = os.path.join(directory, TOKENIZER_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer at {path}: was this work directory written by llm_jax.train?")
-    with open(path, encoding="utf-8") as f:
-        spec = json.load(f)
-    return TOKENIZERS.get(spec["kind"]).from_spec(spec, directory)
+    spec = _read_spec(path)
+    try:
+        return TOKENIZERS.get(spec["kind"]).from_spec(spec, directory)
+    except KeyError as error:  # an entry the kind needs is missing (an edited or truncated file)
+        raise TokenizerFileError(f"{path}: no {error} entry for a {spec['kind']!r} tokenizer; the file was edited "
+                                 "or damaged: restore it, or train a fresh run") from None
+
+
+def _read_spec(path: str) -> dict:
+    """tokenizer.json as a dict with a known "kind"; anything else is a TokenizerFileError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            spec = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TokenizerFileError(f"{path}: not a tokenizer spec written by llm_jax ({type(error).__name__}: "
+                                 f"{error}); restore it, or train a fresh run") from None
+    if not isinstance(spec, dict) or spec.get("kind") not in TOKENIZERS:
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        raise TokenizerFileError(f"{path}: not a tokenizer spec written by llm_jax (kind {kind!r}; known: "
+                                 f"{', '.join(TOKENIZERS.names())}); restore it, or train a fresh run")
+    return spec

@@ -179,7 +179,7 @@ def model_config_from_hf(hf_config: Mapping[str, Any], vocab_pad_multiple: int =
         family=FAMILY, num_layers=_hf_value(hf_config, "num_hidden_layers", source), num_heads=num_heads,
         num_kv_heads=num_heads, d_model=width, d_ff=_hf_value(hf_config, "intermediate_size", source),
         head_dim=width // num_heads, vocab_size=vocab, vocab_pad_multiple=vocab_pad_multiple,
-        padded_vocab_size=padded_vocab(vocab, vocab_pad_multiple, {}),
+        padded_vocab_size=padded_vocab(vocab, vocab_pad_multiple, {}),  # no mesh yet: a vocab_pad_multiple multiple
         max_len=_hf_value(hf_config, "max_position_embeddings", source), positional="learned",
         norm="layernorm", norm_position="post", norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
         activation=HF_ACTIVATIONS[hf_config["hidden_act"]], mlp="standard", use_bias=True,

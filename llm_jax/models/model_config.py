@@ -15,12 +15,15 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from llm_jax.errors import ConfigError
+
 
 def key(default: Any, help: str, *, registry: str | None = None, type: type | None = None,
-        config: bool = True) -> Any:
-    """A ModelConfig field with its meaning; `registry` names the component table ("module:ATTRIBUTE")."""
+        config: bool = True, free_on_resume: bool = False) -> Any:
+    """A ModelConfig field with its meaning; `registry` names the component table ("module:ATTRIBUTE");
+    `free_on_resume` marks keys that change only the program, not the parameters (e.g. the compute dtype)."""
     return dataclasses.field(default=default, metadata={"help": help, "registry": registry, "type": type,
-                                                        "config": config})
+                                                        "config": config, "free_on_resume": free_on_resume})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +38,8 @@ class ModelConfig:
     d_ff: int = key(None, "MLP hidden width; None = 4 * d_model", type=int)
     head_dim: int = key(None, "width of one head; None = d_model // num_heads", type=int)
     vocab_size: int = key(None, "vocabulary size; None = the tokenizer's", type=int)
-    vocab_pad_multiple: int = key(128, "embedding rows are padded to a multiple of this and of every mesh axis")
+    vocab_pad_multiple: int = key(128, "embedding rows are padded to a multiple of this and of the mesh axes the "
+                                       "vocabulary is sharded over (mesh.logical_axis_rules for vocab, act_vocab)")
     max_len: int = key(64, "longest sequence the model accepts (positions table, sliding window in generate)")
     positional: str = key("learned", "position encoding", registry="llm_jax.models.positions:POSITIONALS")
     rope_base: float = key(10000.0, "rotary base frequency (positional=rope)")
@@ -54,9 +58,10 @@ class ModelConfig:
     num_labels: int = key(None, "classes of the classification heads; None = len(data.labels)", type=int)
     crf: bool = key(False, "token classification through a linear-chain CRF (forward-algorithm loss, Viterbi)")
     init_std: float = key(0.02, "stddev of the normal init; residual projections use init_std / sqrt(2 * num_layers)")
-    dtype: Any = key("float32", "compute dtype (bfloat16 for mixed precision on accelerators)")
+    dtype: Any = key("float32", "compute dtype (bfloat16 for mixed precision on accelerators)", free_on_resume=True)
     param_dtype: Any = key("float32", "parameter and optimizer-state dtype")
-    padded_vocab_size: int = key(None, "embedding rows: vocab_size padded for the mesh", config=False)
+    padded_vocab_size: int = key(None, "embedding rows: vocab_size padded for the mesh axes that shard it",
+                                  config=False)
     heads: tuple[str, ...] = key(("lm",), "output heads the task reads (names in models.heads:HEADS)", config=False)
 
     def __post_init__(self) -> None:
@@ -84,20 +89,48 @@ def config_fields() -> list[dataclasses.Field]:
     return [field for field in dataclasses.fields(ModelConfig) if field.metadata["config"]]
 
 
-def padded_vocab(vocab_size: int, pad_multiple: int, mesh_sizes: dict[str, int]) -> int:
-    """Smallest size >= vocab_size divisible by pad_multiple and by every mesh axis."""
-    multiple = math.lcm(pad_multiple, *mesh_sizes.values())
+def padded_vocab(vocab_size: int, pad_multiple: int, shard_sizes: dict[str, int]) -> int:
+    """Smallest multiple of lcm(pad_multiple, S) >= vocab_size, S the product of `shard_sizes`.
+
+    `shard_sizes` are the mesh axes the vocabulary dimensions are split over (llm_jax.sharding.vocab_shard_sizes),
+    so every shard gets whole rows; other mesh axes leave the size alone, and a run resumes on them.
+    """
+    multiple = math.lcm(pad_multiple, math.prod(shard_sizes.values()))
     return -(-vocab_size // multiple) * multiple
 
 
-def build_model_config(model: ml_collections.ConfigDict, vocab_size: int, mesh_sizes: dict[str, int],
-                       heads: tuple[str, ...] = ("lm",), num_labels: int | None = None) -> ModelConfig:
+def check_padded_vocab(padded_vocab_size: int, vocab_size: int, shard_sizes: dict[str, int]) -> None:
+    """A saved padded size must still hold the vocabulary and split evenly over this mesh's vocabulary axes."""
+    saved = (f"the saved padded vocabulary size {padded_vocab_size} (model_config.padded_vocab_size in the run's "
+             "config.json)")
+    if padded_vocab_size < vocab_size:
+        raise ConfigError(f"{saved} is smaller than the {vocab_size}-id vocabulary: the tokenizer or model.vocab_size "
+                          "changed since the run was saved; resume with the run's own, or start a new work directory")
+    shards = math.prod(shard_sizes.values())
+    if padded_vocab_size % shards:
+        axes = ", ".join(f"mesh.{axis}={size}" for axis, size in shard_sizes.items())
+        raise ConfigError(f"{saved} does not split into the {shards} shards of the mesh axes the vocabulary is "
+                          f"sharded over ({axes}, from mesh.logical_axis_rules for vocab/act_vocab); pick a mesh "
+                          f"whose vocabulary-sharding axes multiply to a divisor of {padded_vocab_size}")
+
+
+def build_model_config(model: ml_collections.ConfigDict, vocab_size: int, vocab_shard_sizes: dict[str, int],
+                       heads: tuple[str, ...] = ("lm",), num_labels: int | None = None, *,
+                       padded_vocab_size: int | None = None) -> ModelConfig:
     """Freezes `config.model`, filling the None defaults; `vocab_size` is the tokenizer's unless set, and
-    `num_labels` the task's label count unless set."""
+    `num_labels` the task's label count unless set.
+
+    The embedding is padded for `vocab_shard_sizes` (see padded_vocab) unless `padded_vocab_size` is given: a
+    resumed run's saved size, kept so its parameter shapes match the checkpoint, after check_padded_vocab.
+    """
     values = {field.name: model[field.name] for field in config_fields()}
     vocab = model.vocab_size or vocab_size
-    values.update(vocab_size=vocab, num_labels=model.num_labels or num_labels,
-                  padded_vocab_size=padded_vocab(vocab, model.vocab_pad_multiple, mesh_sizes), heads=tuple(heads))
+    if padded_vocab_size is None:
+        padded_vocab_size = padded_vocab(vocab, model.vocab_pad_multiple, vocab_shard_sizes)
+    else:
+        check_padded_vocab(padded_vocab_size, vocab, vocab_shard_sizes)
+    values.update(vocab_size=vocab, num_labels=model.num_labels or num_labels, padded_vocab_size=padded_vocab_size,
+                  heads=tuple(heads))
     return ModelConfig(**values)
 
 

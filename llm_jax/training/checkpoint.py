@@ -7,31 +7,38 @@ Layout on disk (one directory per saved step)::
             state/   # the train-state pytree (StandardCheckpointHandler / OCDBT)
             data/    # the data-iterator state of each process: process_<i>-of-<n>.json
 
-All processes must call :meth:`Checkpointer.save` and :meth:`Checkpointer.restore`
-(Orbax synchronises the processes and lets the primary host do the single-writer
-parts); there is deliberately no process-0-only logic here. Each process's input
-pipeline reads its own shard, so each writes its own iterator state (as Grain's own
-Orbax handler does).
+All processes call `save` and `restore` (Orbax synchronises them and lets the primary host do the single-writer
+parts); there is deliberately no process-0-only logic here. Each process's input pipeline reads its own shard,
+so each writes its own iterator state (as Grain's own Orbax handler does). Orbax writes a step into a temporary
+directory and renames it when complete, so a process killed during a save leaves the previous steps loadable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
-from collections.abc import Mapping
+import shutil
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from absl import logging
 from etils import epath
 
-from llm_jax.errors import ConfigError
+from llm_jax.errors import CheckpointError, ConfigError
 
-__all__ = ["Checkpointer", "STATE_ITEM", "DATA_ITEM"]
+__all__ = ["Checkpointer", "committed_steps", "STATE_ITEM", "DATA_ITEM", "CHECKPOINTS_DIR", "CORRUPT_DIR"]
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+CHECKPOINTS_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/
+CORRUPT_DIR = "corrupt_checkpoints"  # beside checkpoints/: steps a fallback resume moved out of the way
 
 
 def _absolute(directory: str | os.PathLike[str]) -> str:
@@ -39,6 +46,15 @@ def _absolute(directory: str | os.PathLike[str]) -> str:
     if "://" in path:  # gs://, s3://, ... : already absolute, os.path would mangle it.
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def committed_steps(directory: str) -> list[int]:
+    """The steps saved completely under `directory`, ascending, read without Orbax (cheap, before any work):
+    an unfinished save carries a temporary suffix and its state item is missing or renamed."""
+    root = epath.Path(_absolute(directory))
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / STATE_ITEM).is_dir())
 
 
 def _process_file(index: int, count: int) -> str:
@@ -88,16 +104,9 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
 class Checkpointer:
     """Orbax CheckpointManager under WORKDIR/checkpoints holding the train state and the data-iterator state.
 
-    Args:
-      directory: root directory for the checkpoints (e.g. ``WORKDIR/checkpoints``).
-        Local paths are made absolute here (Orbax's tensorstore layer raises
-        "Checkpoint path should be absolute" at save time otherwise); URLs such
-        as ``gs://...`` are left as they are. Created if missing.
-      keep: keep at most this many checkpoints; the oldest are deleted once a
-        newer one is committed. Must be >= 1.
-      async_save: if True, :meth:`save` returns once the arrays have been copied
-        device->host and the files are written by a background thread; call
-        :meth:`wait` (or :meth:`close`) to block until the save is committed.
+    Local paths are made absolute (Orbax's tensorstore layer requires it); URLs such as gs://... are kept. At most
+    `keep` steps stay on disk. With `async_save`, `save` returns once the arrays are copied to the host and a
+    background thread writes them; `wait` or `close` blocks until the save is committed.
     """
 
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
@@ -106,19 +115,14 @@ class Checkpointer:
         self._directory = _absolute(directory)
         self._keep = keep
         self._async_save = async_save
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            # The host loop decides when to save: an interval of 1 means Orbax's
-            # FixedIntervalPolicy agrees to every step it is asked to save.
-            save_interval_steps=1,
-            enable_async_checkpointing=async_save,
-            create=True,
-        )
-        self._manager = ocp.CheckpointManager(
-            self._directory,
-            item_names=(STATE_ITEM, DATA_ITEM),
-            options=options,
-        )
+        self._writing: int | None = None  # the step of the latest save, possibly still being written
+        self._manager = self._new_manager()
+
+    def _new_manager(self) -> ocp.CheckpointManager:
+        # The host loop decides when to save: an interval of 1 lets Orbax save every step it is asked to.
+        options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, save_interval_steps=1,
+                                               enable_async_checkpointing=self._async_save, create=True)
+        return ocp.CheckpointManager(self._directory, item_names=(STATE_ITEM, DATA_ITEM), options=options)
 
     @property
     def directory(self) -> str:
@@ -126,96 +130,133 @@ class Checkpointer:
         return self._directory
 
     def all_steps(self) -> list[int]:
-        """All steps known to the manager, ascending (see :meth:`latest_step`)."""
+        """The committed steps, ascending, as read when the Checkpointer was created and tracked since."""
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest saved step, or None if there is no checkpoint.
-
-        With ``async_save`` a step is listed as soon as :meth:`save` returns,
-        i.e. possibly before it is committed; :meth:`wait` makes it durable.
-        The list is read from disk when the Checkpointer is created and then
-        tracked in memory (it does not see saves made by other instances).
-        """
+        """The newest step, or None; with async_save a step is listed as soon as `save` returns (`wait` makes it
+        durable). Saves made by other instances are not seen."""
         return self._manager.latest_step()
 
-    def save(
-        self,
-        step: int,
-        state: Any,
-        data_state: Mapping[str, Any],
-        *,
-        force: bool = False,
-    ) -> bool:
-        """Saves ``state`` and ``data_state`` as checkpoint ``step``.
+    def save(self, step: int, state: Any, data_state: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Saves `state` and `data_state` as checkpoint `step` (every process calls it); returns whether a save
+        started. Orbax declines a step not newer than the latest unless `force`; an existing step raises
+        StepAlreadyExistsError even with `force`."""
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                     DATA_ITEM: ProcessJsonSave(dict(data_state))})
+        self.wait()  # Orbax waits for the previous async save anyway; its failure names that step
+        self._writing = int(step)
+        with self._storage_errors():
+            return bool(self._manager.save(int(step), args=args, force=force))
 
-        Every process must call this. With ``async_save`` the call returns after
-        the device->host copy and the write continues in the background (a
-        subsequent save first waits for the previous one to commit).
-
-        Returns whether a save was started. Orbax declines (returns False) a
-        ``step`` that is not newer than the latest checkpoint unless ``force``
-        is given; ``force`` also bypasses any save-interval policy. Saving a step
-        that already exists raises
-        ``orbax.checkpoint.checkpoint_manager.StepAlreadyExistsError`` even with
-        ``force``.
-        """
-        args = ocp.args.Composite(
-            **{
-                STATE_ITEM: ocp.args.StandardSave(state),
-                DATA_ITEM: ProcessJsonSave(dict(data_state)),
-            }
-        )
-        return bool(self._manager.save(int(step), args=args, force=force))
+    @contextlib.contextmanager
+    def _storage_errors(self) -> Iterator[None]:
+        """A full disk or a denied write while saving becomes a CheckpointError naming the step being written
+        and the newest complete one (what a rerun resumes from); other errors keep their traceback."""
+        try:
+            yield
+        except Exception as error:
+            if not _is_storage_error(error):
+                raise
+            complete = [step for step in committed_steps(self._directory) if step != self._writing]
+            raise CheckpointError(
+                f"writing checkpoint step {self._writing} under {self._directory} failed: {_one_line(error)}. "
+                f"The newest complete checkpoint is step {complete[-1] if complete else None}; free space or "
+                "fix the permissions, then rerun to resume from it") from error
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores checkpoint ``step`` (None = latest).
+        """(state, data_state) of checkpoint `step` (None = the newest), with the shardings of `abstract_state`
+        (ShapeDtypeStructs carrying .sharding), so a checkpoint restores onto another mesh.
 
-        ``abstract_state`` is a pytree matching the saved state whose leaves are
-        ``jax.ShapeDtypeStruct`` carrying ``.sharding`` (e.g. ``jax.eval_shape``
-        of the init function with the target shardings attached). The arrays come
-        back with exactly those shardings, so a checkpoint can be restored onto a
-        different mesh. Returns ``(state, data_state)``.
-
-        Raises FileNotFoundError (naming the directory) if there is no
-        checkpoint, or if ``step`` is given but not present.
+        A missing step raises FileNotFoundError naming the directory; a step that cannot be read (truncated,
+        corrupt or another model's) raises CheckpointError naming its directory and what is wrong.
         """
-        # The manager lists an in-flight async save as a step already; make sure
-        # whatever we might restore is committed first (no-op when idle).
-        self._manager.wait_until_finished()
-        available = sorted(self._manager.all_steps())
-        if step is None:
-            if not available:
-                raise FileNotFoundError(f"No checkpoint found in {self._directory!r}.")
-            step = available[-1]
-        else:
-            step = int(step)
-            if step not in available:
-                raise FileNotFoundError(
-                    f"No checkpoint for step {step} in {self._directory!r} "
-                    f"(available steps: {available})."
-                )
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-                    DATA_ITEM: ProcessJsonRestore(),
-                }
-            ),
-        )
+        self._manager.wait_until_finished()  # an in-flight async save is listed already: let it commit
+        available = self.all_steps()
+        if step is None and not available:
+            raise FileNotFoundError(f"No checkpoint found in {self._directory!r}.")
+        step = available[-1] if step is None else int(step)
+        if step not in available:
+            raise FileNotFoundError(f"No checkpoint for step {step} in {self._directory!r} "
+                                    f"(available steps: {available}).")
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                                     DATA_ITEM: ProcessJsonRestore()})
+        try:
+            restored = self._manager.restore(step, args=args)
+        except ConfigError:
+            raise
+        except Exception as error:  # Orbax and tensorstore raise many types for unreadable files
+            raise CheckpointError(f"{os.path.join(self._directory, str(step))} cannot be restored: "
+                                  f"{_one_line(error)}") from error
         return restored[STATE_ITEM], dict(restored[DATA_ITEM])
+
+    def restore_newest(self, abstract_state: Any, *, fallback: bool) -> tuple[int, Any, dict]:
+        """(step, state, data_state) of the newest checkpoint. When it cannot be restored and `fallback` is set,
+        the next older one is tried, and the steps that failed are moved to WORKDIR/corrupt_checkpoints (a
+        resumed run saves those step numbers again); without `fallback` the CheckpointError says what to do."""
+        failed: list[int] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, data_state = self.restore(step, abstract_state)
+            except CheckpointError as error:
+                if not fallback:
+                    older = [s for s in self.all_steps() if s < step]
+                    hint = (f"; pass --restore_fallback to resume from the newest that restores (older: {older})"
+                            if older else "; no older checkpoint exists")
+                    raise CheckpointError(f"{error}{hint}") from error.__cause__
+                logging.warning("%s; trying the previous checkpoint", error)
+                failed.append(step)
+                continue
+            self._set_aside(failed)
+            return step, state, data_state
+        raise CheckpointError(f"no checkpoint in {self._directory} can be restored (tried steps {failed}); move "
+                              "the directory away to start afresh")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable steps out of checkpoints/ (kept for inspection) and re-reads the step list."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            target = os.path.join(os.path.dirname(self._directory), CORRUPT_DIR)
+            os.makedirs(target, exist_ok=True)
+            for step in steps:
+                moved = os.path.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                shutil.move(os.path.join(self._directory, str(step)), moved)
+                logging.warning("moved unreadable checkpoint step %d to %s", step, moved)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("llm_jax: unreadable checkpoints set aside")
+        self._manager.close()
+        self._manager = self._new_manager()
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed (and old ones deleted)."""
-        self._manager.wait_until_finished()
+        with self._storage_errors():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager's resources."""
-        self._manager.close()
+        with self._storage_errors():
+            self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _is_storage_error(error: BaseException) -> bool:
+    """ENOSPC, EACCES, EROFS, EDQUOT... from Python, or tensorstore's RESOURCE_EXHAUSTED / PERMISSION_DENIED."""
+    for cause in (error, error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT,
+                                                          errno.EPERM, errno.EIO):
+            return True
+        if cause is not None and any(code in str(cause) for code in ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
+                                                                       "No space left on device")):
+            return True
+    return False
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"

@@ -18,13 +18,13 @@ class Evaluator:
     def __init__(self, run: Run):
         self.run = run
         self.shardings = batch_shardings(run.mesh, run.rules, run.task.batch_spec(), stacked=False)
-        self._step = jax.jit(make_eval_step(run.model, run.task), in_shardings=(run.shardings.params, self.shardings))
+        self.step = jax.jit(make_eval_step(run.model, run.task), in_shardings=(run.shardings.params, self.shardings))
         self.last_sums: dict[str, np.ndarray] = {}
 
     def evaluate(self, params, split: str, num_batches: int) -> dict[str, float]:
         totals = None
         for local in self.run.data.eval_batches(split, num_batches):
-            sums = self._step(params, global_batch(local, self.shardings, 0, self.run.config.train.batch_size))
+            sums = self.step(params, global_batch(local, self.shardings, 0, self.run.config.train.batch_size))
             totals = sums if totals is None else jax.tree.map(jax.numpy.add, totals, sums)
         self.last_sums = jax.device_get(totals)
         return self.run.task.finalize(self.last_sums)

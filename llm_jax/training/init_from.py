@@ -20,18 +20,17 @@ from etils import epath
 
 from llm_jax.errors import ConfigError
 from llm_jax.models.model_config import ModelConfig
-from llm_jax.training.checkpoint import STATE_ITEM
+from llm_jax.training.checkpoint import CHECKPOINTS_DIR, STATE_ITEM, committed_steps
 from llm_jax.training.optimizer import param_path
+from llm_jax.training.run_record import CONFIG_FILE
 
-CHECKPOINTS_DIR = "checkpoints"
-# Parameters with a vocabulary axis, which each run pads for its own mesh (model.vocab_pad_multiple).
+# Parameters with a vocabulary axis, which each run pads for its own vocabulary-sharding mesh axes
+# (models.model_config.padded_vocab).
 VOCAB_AXES = {"token_embedding/embedding": 0, "mlm_head/output_bias": 0,
               "output_head/dense/kernel": 1, "output_head/dense/bias": 0}
 
 
 def _read_model_config(root: epath.Path, workdir: str) -> dict[str, Any]:
-    from llm_jax.training.run import CONFIG_FILE  # run.py builds runs with this module: import late
-
     path = root / CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"train.init_from={workdir} has no {CONFIG_FILE} ({path}): give a work directory written "
@@ -46,9 +45,7 @@ def _read_model_config(root: epath.Path, workdir: str) -> dict[str, Any]:
 def _latest_state_dir(root: epath.Path, workdir: str) -> epath.Path:
     """DIR/checkpoints/STEP/state of the newest finished save (unfinished saves carry a temporary suffix)."""
     checkpoints = root / CHECKPOINTS_DIR
-    steps = []
-    if checkpoints.is_dir():
-        steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / STATE_ITEM).is_dir()]
+    steps = committed_steps(str(checkpoints))
     if not steps:
         raise ConfigError(f"train.init_from={workdir} has no checkpoint ({checkpoints}/STEP/{STATE_ITEM} missing): "
                           "train that run first, or point at another work directory")

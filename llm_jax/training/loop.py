@@ -7,12 +7,11 @@ dispatched, except at log / eval / checkpoint steps, where the loop synchronises
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -21,15 +20,18 @@ import numpy as np
 from absl import logging
 
 from llm_jax.data.pipeline import describe
-from llm_jax.errors import TrainingDivergedError
+from llm_jax.errors import TrainingDivergedError, WorkdirError
+from llm_jax.provenance import provenance
 from llm_jax.sharding import batch_shardings, global_batch
-from llm_jax.training import evaluation
-from llm_jax.training.checkpoint import Checkpointer
+from llm_jax.training import evaluation, run_record
+from llm_jax.training.checkpoint import CHECKPOINTS_DIR, Checkpointer, committed_steps
 from llm_jax.training.flops import peak_flops_per_device, train_flops_per_token
 from llm_jax.training.init_from import init_params_from
-from llm_jax.training.metrics import MetricsWriter, ProgressLine, log_progress, read_metrics
-from llm_jax.training.run import Run, build_run, jit_train_chunk, model_inputs_fn, write_run_config
+from llm_jax.training.metrics import MetricsWriter, ProgressLine, keep_metrics_through, log_progress, read_run_metrics
+from llm_jax.training.run import Run, build_run, jit_train_chunk, model_inputs_fn
 from llm_jax.training.state import TrainState, init_state
+from llm_jax.training.steps import all_finite
+from llm_jax.workdir_lock import metrics_lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,22 +91,36 @@ class ChunkRunner:
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a request to checkpoint at the next chunk boundary and exit."""
+    """Turns SIGTERM/SIGINT and preemption notices into a stop at the next chunk boundary, agreed by all processes.
+
+    One process: SIGTERM and SIGINT set a flag here. Several processes: `jax.distributed.initialize` installs JAX's
+    preemption notifier as the SIGTERM handler and it stays installed (replacing it would hide the notices JAX
+    propagates between hosts, e.g. a TPU maintenance event); the loop asks `reached_preemption_sync_point` at
+    every chunk boundary, which is true on every process at the same boundary once any process was notified.
+    SIGINT is still handled here and agreed by a small all-gather per chunk. Either way the run checkpoints that
+    boundary and exits with 128 + the signal number.
+    """
 
     def __init__(self):
         self.signal_number: int | None = None
+        self._boundaries = 0
         self._previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        self._jax_preemption = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+        handled = (signal.SIGINT,) if self._jax_preemption else (signal.SIGTERM, signal.SIGINT)
+        for signum in handled:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal_number = signum
 
     def agreed(self) -> int | None:
-        """The signal if any process received one: all processes must stop at the same chunk boundary,
-        or their collectives would no longer match (one small all-gather per chunk, multi-process only)."""
+        """The signal if any process received one or JAX reached a preemption sync point; called by every
+        process at every chunk boundary (all processes dispatch the same chunks, so the counts agree)."""
         if jax.process_count() == 1:
             return self.signal_number
+        self._boundaries += 1
+        if self._jax_preemption and multihost_utils.reached_preemption_sync_point(self._boundaries):
+            return int(signal.SIGTERM)
         signals = multihost_utils.process_allgather(np.array(self.signal_number or 0, np.int32))
         return int(np.max(signals)) or None
 
@@ -113,10 +129,51 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+class NonfiniteGuard:
+    """The host side of train.nonfinite, fed each chunk's per-step metrics (a chunk late, so no per-step sync).
+
+    stop: the first step whose loss or gradient norm is NaN/Inf ends the run, naming it. skip: the device kept the
+    previous state for those steps (train/skipped); more than train.max_consecutive_skips in a row end the run.
+    Both: a finite loss above train.loss_spike_factor times the running average is logged as a spike.
+    """
+
+    def __init__(self, train: ml_collections.ConfigDict):
+        self.policy, self.max_skips, self.spike_factor = train.nonfinite, train.max_consecutive_skips, \
+            train.loss_spike_factor
+        self.consecutive_skips = 0
+        self.average: float | None = None
+
+    def check(self, first_step: int, metrics: dict[str, np.ndarray]) -> None:
+        losses, norms = metrics["train/loss"], metrics["train/grad_norm"]
+        skipped = metrics.get("train/skipped", np.zeros_like(losses))
+        for offset, (loss, norm, skip) in enumerate(zip(losses, norms, skipped)):
+            step = first_step + offset + 1
+            if self.policy == "stop" and not (np.isfinite(loss) and np.isfinite(norm)):
+                raise TrainingDivergedError(
+                    f"train/loss is {loss} and train/grad_norm {norm} at step {step}; no later state was "
+                    "checkpointed, the newest checkpoint holds the last good one. Lower optimizer.learning_rate, "
+                    "raise optimizer.warmup_steps or set train.nonfinite=skip")
+            self.consecutive_skips = self.consecutive_skips + 1 if skip else 0
+            if self.consecutive_skips > self.max_skips:
+                raise TrainingDivergedError(
+                    f"{self.consecutive_skips} updates in a row were skipped (non-finite loss, gradient or "
+                    f"parameters) up to step {step}, more than train.max_consecutive_skips={self.max_skips}; "
+                    "lower optimizer.learning_rate or raise optimizer.warmup_steps")
+            if not skip:
+                self._watch_spike(step, float(loss))
+
+    def _watch_spike(self, step: int, loss: float) -> None:
+        if self.spike_factor and self.average is not None and loss > self.spike_factor * self.average:
+            logging.warning("loss spike at step %d: train/loss %.4f is %.1fx the running average %.4f", step, loss,
+                            loss / self.average, self.average)
+        self.average = loss if self.average is None else 0.9 * self.average + 0.1 * loss
+
+
 class TrainWindow:
     """Train metrics and wall time since the last log step; eval, checkpoint and compile time excluded."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, guard: NonfiniteGuard):
+        self.guard = guard
         self.reset(step)
 
     def reset(self, step: int) -> None:
@@ -124,20 +181,20 @@ class TrainWindow:
         self.chunks: list[dict[str, np.ndarray]] = []
 
     def add(self, first_step: int, metrics: dict[str, np.ndarray]) -> None:
-        losses = metrics["train/loss"]
-        bad = np.flatnonzero(~np.isfinite(losses))
-        if bad.size:
-            step = first_step + int(bad[0]) + 1
-            raise TrainingDivergedError(f"train/loss is {losses[bad[0]]} at step {step}; the last checkpoint "
-                                        "before it is intact. Lower optimizer.learning_rate or raise warmup_steps.")
+        self.guard.check(first_step, metrics)
         self.chunks.append(metrics)
 
     def summary(self, train_seconds: float) -> dict[str, float]:
+        """Means over the window's applied updates; with train.nonfinite=skip also train/skipped_updates."""
         merged = {key: np.concatenate([chunk[key] for chunk in self.chunks]) for key in self.chunks[0]}
         tokens = float(merged.pop("train/tokens").sum())
-        summary = {key: float(values.mean()) for key, values in merged.items()}
+        skipped = merged.pop("train/skipped", None)
+        applied = np.ones_like(merged["train/loss"], bool) if skipped is None else skipped == 0
+        summary = {key: float(values[applied].mean()) if applied.any() else math.nan for key, values in merged.items()}
         summary["train/learning_rate"] = float(merged["train/learning_rate"][-1])
         summary["train/tokens_per_second"] = tokens / max(train_seconds, 1e-9)
+        if skipped is not None:
+            summary["train/skipped_updates"] = float(skipped.sum())
         return summary
 
 
@@ -156,6 +213,11 @@ class HostLoop:
         self.mfu_scale = flops / (peak * jax.device_count()) if peak else None
         self.final_metrics: dict[str, float] = {}
         self.train_seconds = 0.0
+        self.guard = NonfiniteGuard(run.config.train)
+        self._finite = jax.jit(all_finite)
+        self._last_batch = jax.jit(lambda stacked: jax.tree.map(lambda x: x[-1], stacked),
+                                   out_shardings=self.evaluator.shardings)
+        self.last_batches: dict[str, jax.Array] | None = None
 
     def _excluded(self, window: TrainWindow, action: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -184,17 +246,39 @@ class HostLoop:
             self.final_metrics.update(metrics)
             logging.info("step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if self.events.is_checkpoint(step) or force_checkpoint:
-            data_state = self.run.data.train.get_state()
-            self._excluded(window, lambda: self.checkpointer.save(step, state, data_state, force=True))
+            self._excluded(window, lambda: self._checkpoint(step, state))
+
+    def _unsaveable(self, state: TrainState) -> str | None:
+        """Why `state` is not known to be good, or None: its parameters must be finite and so must the loss they
+        give on the last batch trained (the eval step, compiled for evaluation anyway, computes it)."""
+        if not bool(self._finite(state.params)):
+            return "its parameters hold NaN or Inf"
+        sums = jax.device_get(self.evaluator.step(state.params, self._last_batch(self.last_batches)))
+        if not all(np.isfinite(value).all() for value in sums.values()):
+            return "the loss of its parameters on the last batch trained is NaN or Inf"
+        return None
+
+    def _checkpoint(self, step: int, state: TrainState) -> None:
+        """Saves the state after `step` only when it is known to be good (train.nonfinite says what else)."""
+        problem = self._unsaveable(state)
+        if problem is None:
+            self.checkpointer.save(step, state, self.run.data.train.get_state(), force=True)
+            return
+        if self.run.config.train.nonfinite == "stop":
+            raise TrainingDivergedError(
+                f"the state after step {step} was not checkpointed: {problem}; the newest checkpoint holds the last "
+                "good one. Lower optimizer.learning_rate, raise optimizer.warmup_steps or set train.nonfinite=skip")
+        logging.warning("step %d not checkpointed: %s (train.nonfinite=skip)", step, problem)
 
     def run_from(self, state: TrainState, start: int, stop_request: StopRequest) -> TrainState:
-        step, pending, window = start, None, TrainWindow(start)
+        step, pending, window = start, None, TrainWindow(start, self.guard)
         while step < self.events.total:
             stop = self.events.next_stop(step)
             local = self.run.data.train.next_chunk(stop - step)
             batches = global_batch(local, self.sharding, 1, self.run.config.train.batch_size)
             compile_before = self.chunks.compile_seconds
             state, metrics = self.chunks(state, batches)
+            self.last_batches = batches
             window.excluded += self.chunks.compile_seconds - compile_before
             if pending is not None:
                 window.add(*pending)
@@ -224,31 +308,61 @@ def _init_from(run: Run, state: TrainState) -> TrainState:
     return state.replace(params=params, opt_state=opt_state)
 
 
-def _restore_or_init(run: Run, checkpointer: Checkpointer) -> tuple[TrainState, int]:
-    latest = checkpointer.latest_step()
-    if latest is None:
+def _restore_or_init(run: Run, checkpointer: Checkpointer, restore_fallback: bool) -> tuple[TrainState, int]:
+    if checkpointer.latest_step() is None:
         state = init_state(run.model, run.tx, model_inputs_fn(run.task), run.config.train.seed, run.shardings)
         return (_init_from(run, state) if run.config.train.init_from else state), 0
-    state, data_state = checkpointer.restore(latest, run.abstract_state)
+    step, state, data_state = checkpointer.restore_newest(run.abstract_state, fallback=restore_fallback)
     run.data.train.set_state(data_state)
-    logging.info("resumed from %s at step %d", run.checkpoint_dir, latest)
-    return state, latest
+    logging.info("resumed from %s at step %d", run.checkpoint_dir, step)
+    return state, step
 
 
-def _drop_metrics_after(workdir: str, step: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint; drop the interrupted run's lines for them."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
+def _resume_plan(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+                 ) -> tuple[dict | None, run_record.Changes | None]:
+    """(the run record, this start's config changes) when DIR holds checkpoints to resume, else (record, None);
+    refuses changes that alter what is trained before anything is built."""
+    record = run_record.read_record(workdir)
+    if not committed_steps(os.path.join(workdir, CHECKPOINTS_DIR)):
+        return record, None
+    if record is None:
+        if not allow_config_change:
+            raise WorkdirError(f"{workdir} has checkpoints but no {run_record.CONFIG_FILE}, so this start's settings "
+                               "cannot be checked against the run's; pass --allow_config_change to resume anyway")
+        return None, {}
+    changes = run_record.check_resume(record, config, workdir, allow_config_change)
+    for note in run_record.schedule_notes(changes, config):
+        logging.warning("%s", note)
+    if changes:
+        logging.info("resuming with changed settings: %s", ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()))
+    return record, changes
+
+
+def _record_start(run: Run, record: dict | None, start: int, changes: run_record.Changes | None) -> None:
+    """DIR/config.json and DIR/metrics.jsonl agree with the state just restored (or initialised)."""
+    if jax.process_index() != 0:
         return
-    kept = [record for record in read_metrics(path) if record["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in kept)
+    where = provenance(dict(run.mesh.shape))
+    if start == 0 or record is None:
+        run_record.write_first_start(run.workdir, run.config, run.model_config, where)
+    else:
+        run_record.append_start(run.workdir, record, start, changes or {}, run.model_config, where)
+    with metrics_lock(run.workdir):  # evaluate appends under the same lock: none of its lines is lost
+        keep_metrics_through(run.workdir, _kept_step(start))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir`; returns the last logged train and eval metrics."""
-    run = build_run(config, workdir)
-    write_run_config(run)
+def _kept_step(start: int) -> int:
+    """The last step whose metrics stay: the restored one; none when the run starts afresh (-1)."""
+    return start if start > 0 else -1
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
+          restore_fallback: bool = False, devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir` on `devices` (default: all); returns the last logged train and
+    eval metrics."""
+    record, changes = _resume_plan(config, workdir, allow_config_change)
+    padded_vocab = run_record.saved_padded_vocab(record) if record is not None and changes is not None else None
+    run = build_run(config, workdir, devices=devices, padded_vocab_size=padded_vocab)
     num_params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(run.abstract_state.params))
     logging.info("model: %s parameters | mesh %s | %d devices (%s)", f"{num_params:,}", dict(run.mesh.shape),
                  jax.device_count(), jax.devices()[0].device_kind)
@@ -256,9 +370,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     stop_request = StopRequest()
     try:
         with jax.set_mesh(run.mesh), run.rules_context():
-            state, start = _restore_or_init(run, checkpointer)
-            _drop_metrics_after(workdir, start)
-            writer = MetricsWriter(workdir)
+            state, start = _restore_or_init(run, checkpointer, restore_fallback)
+            _record_start(run, record, start, changes)
+            writer = MetricsWriter(workdir, restart_step=_kept_step(start))
             if start == 0:
                 writer.write(0, describe(run.data))
             try:
@@ -279,8 +393,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 def _last_metrics(workdir: str) -> dict[str, float]:
     latest: dict[str, float] = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        for record in read_metrics(path):
-            latest.update({k: v for k, v in record.items() if k != "step"})
+    for record in read_run_metrics(workdir):
+        latest.update({k: v for k, v in record.items() if k != "step"})
     return latest

@@ -1,7 +1,7 @@
 """Metric sinks for a training run: a JSON-lines file, TensorBoard, and the console.
 
 Only JAX process 0 writes (by default), so multi-host runs produce one copy of each sink.
-TensorBoard events are written with the pure-python writer shipped in the `tensorboard`
+TensorBoard events are written with the pure-python record writer shipped in the `tensorboard`
 package, so TensorFlow is not needed.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import socket
 import time
 from typing import Any, Mapping
 
@@ -17,10 +19,13 @@ import jax
 import numpy as np
 from absl import logging
 from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from llm_jax.errors import MetricsFileError
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
+_EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")
 
 
 def _json_value(value: Any) -> int | float | None:
@@ -34,14 +39,46 @@ def _json_value(value: Any) -> int | float | None:
     return item if math.isfinite(item) else None
 
 
+def _new_event_file_path(logdir: str) -> str:
+    """A path for a new TensorBoard event file in `logdir` whose name sorts after every event file there.
+
+    TensorBoard loads a directory's event files in name order, and a restart marker only hides the steps it
+    replaces if its file is loaded last. Names start with a time in seconds, so two writers within one
+    second (or on hosts with skewed clocks) would tie; the time is bumped past the newest existing one.
+    """
+    os.makedirs(logdir, exist_ok=True)
+    earlier = [int(match.group(1)) for match in map(_EVENT_FILE.match, os.listdir(logdir)) if match]
+    stamp = max([int(time.time()), *(value + 1 for value in earlier)])
+    return os.path.join(logdir, f"events.out.tfevents.{stamp:010d}.{socket.gethostname()}.{os.getpid()}")
+
+
+def _cut_torn_line(path: str) -> None:
+    """Cuts an unterminated last line (a write killed midway) so the next append starts on a line of its own."""
+    try:
+        with open(path, "rb+") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            keep = f.read().rfind(b"\n") + 1
+            logging.warning("%s: dropping a torn last line (the run was killed while writing it)", path)
+            f.truncate(keep)
+    except FileNotFoundError:
+        return
+
+
 class MetricsWriter:
     """Writes scalar metrics to DIR/metrics.jsonl and DIR/tensorboard/, only on JAX process 0."""
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None):
+    def __init__(self, workdir: str, *, enabled: bool | None = None, restart_step: int | None = None):
         """Opens (in append mode, so a resumed run keeps earlier lines) the sinks under `workdir`.
 
         `enabled` defaults to `jax.process_index() == 0`; when False every method is a no-op
-        and nothing is created on disk.
+        and nothing is created on disk. `restart_step` is the step a resumed run restarts from (its
+        checkpoint's step; -1 when it starts over): TensorBoard then hides the events of earlier writers at
+        later steps, which this run writes again. Pair it with `keep_metrics_through(workdir, restart_step)`.
         """
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.jsonl_path = os.path.join(workdir, METRICS_FILENAME)
@@ -51,8 +88,19 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        _cut_torn_line(self.jsonl_path)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-        self._events = EventFileWriter(self.tensorboard_dir)
+        self._events = RecordWriter(open(_new_event_file_path(self.tensorboard_dir), "xb"))
+        self._add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if restart_step is not None:
+            # The event accumulator drops the events it has read with step >= a START event's step.
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._add_event(event_pb2.Event(wall_time=time.time(), step=int(restart_step) + 1, session_log=start))
+
+    def _add_event(self, event: event_pb2.Event) -> None:
+        """Appends one event to the TensorBoard file and flushes it, so a kill loses at most this event."""
+        self._events.write(event.SerializeToString())
+        self._events.flush()
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         """Appends one JSON line and one TensorBoard scalar per metric at `step`, then flushes both.
@@ -72,11 +120,7 @@ class MetricsWriter:
             summary_pb2.Summary.Value(tag=name, simple_value=float(np.asarray(value).item()))
             for name, value in metrics.items()
         ]
-        event = event_pb2.Event(
-            wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)
-        )
-        self._events.add_event(event)
-        self._events.flush()
+        self._add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
 
     def close(self) -> None:
         """Flushes and closes both sinks; further calls are no-ops."""
@@ -88,10 +132,82 @@ class MetricsWriter:
             self._events = None
 
 
+def _parse_record(line: bytes) -> dict:
+    """One metrics.jsonl line as a dict; ValueError if it is not a JSON object with an integer "step"."""
+    record = json.loads(line)
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError('not a JSON object with an integer "step"')
+    return record
+
+
 def read_metrics(path: str) -> list[dict]:
-    """Reads a metrics.jsonl file back (used by evaluate, reports and tests)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl file (used by evaluate, resume, reports and tests).
+
+    The last line is ignored, with a warning, when it has no newline or does not parse: a run killed while
+    writing it. Any other line that does not parse raises a ValueError naming PATH:LINE, since it means the
+    file was edited or corrupted. A missing file raises FileNotFoundError (see `read_run_metrics`).
+    """
+    with open(path, "rb") as f:
+        *complete, tail = f.read().split(b"\n")
+    numbered = [(number, line) for number, line in enumerate(complete, start=1) if line.strip()]
+    if tail.strip():  # no newline after it: its write was cut short
+        logging.warning("%s:%d: ignoring a torn last line (the run was killed while writing it)",
+                        path, len(complete) + 1)
+    records = []
+    for index, (number, line) in enumerate(numbered):
+        try:
+            records.append(_parse_record(line))
+        except ValueError as error:
+            if index == len(numbered) - 1 and not tail.strip():
+                logging.warning("%s:%d: ignoring an unreadable last line (%s)", path, number, error)
+                break
+            raise MetricsFileError(f"{path}:{number}: unreadable metrics line ({error}); the file was edited or "
+                             "corrupted: fix or delete that line (one JSON object with a \"step\" per line)") from None
+    return records
+
+
+def read_run_metrics(workdir: str) -> list[dict]:
+    """The records of WORKDIR/metrics.jsonl as `read_metrics` reads them; [] when the run has none yet."""
+    try:
+        return read_metrics(os.path.join(workdir, METRICS_FILENAME))
+    except FileNotFoundError:
+        return []
+
+
+def _fsync_directory(path: str) -> None:
+    """Makes a rename inside `path` durable (the directory entry is only on disk once the directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def keep_metrics_through(workdir: str, step: int) -> None:
+    """Rewrites WORKDIR/metrics.jsonl with only its records at steps <= `step` (-1 keeps none); a torn last line
+    goes too.
+
+    A resumed run calls it with its checkpoint's step, as it writes the later steps again. The new content is
+    written to a temporary file, synced and renamed over the old one, so a crash at any point leaves either
+    the old or the new file. No-op when the file does not exist.
+    """
+    path = os.path.join(workdir, METRICS_FILENAME)
+    if not os.path.exists(path):
+        return
+    kept = [record for record in read_metrics(path) if record["step"] <= step]
+    temporary = path + ".tmp"  # a fixed name: a copy left by a crash here is overwritten by the next call
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record) + "\n" for record in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, os.stat(path).st_mode & 0o7777)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    _fsync_directory(workdir)
 
 
 def _format_duration(seconds: float) -> str:

@@ -6,7 +6,6 @@ Shared by training, evaluation and generation so the three agree on the model an
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -20,19 +19,17 @@ from llm_jax import config as config_lib
 from llm_jax.data.pipeline import LMData, build_data
 from llm_jax.data.tokenizers import Tokenizer, load_tokenizer
 from llm_jax.models.families import build_model
-from llm_jax.models.model_config import (ModelConfig, build_model_config, model_config_from_json,
-                                         model_config_to_json)
-from llm_jax.provenance import provenance
-from llm_jax.sharding import Rules, batch_shardings, build_mesh, logical_rules, process_batch_rows
+from llm_jax.models.model_config import ModelConfig, build_model_config
+from llm_jax.sharding import (Rules, batch_shardings, build_mesh, logical_rules, process_batch_rows,
+                              vocab_shard_sizes)
 from llm_jax.tasks import build_task
 from llm_jax.tasks.base import Task, zeros_batch
 from llm_jax.training.init_from import check_init_from
+from llm_jax.training import run_record
+from llm_jax.training.checkpoint import CHECKPOINTS_DIR
 from llm_jax.training.optimizer import build_optimizer, frozen_mask
 from llm_jax.training.state import TrainState, abstract_params, abstract_state, state_shardings
 from llm_jax.training.steps import make_train_chunk, make_train_step
-
-CONFIG_FILE = "config.json"
-
 
 @dataclasses.dataclass
 class Run:
@@ -53,7 +50,7 @@ class Run:
 
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.workdir, "checkpoints")
+        return os.path.join(self.workdir, CHECKPOINTS_DIR)
 
     def rules_context(self):
         """Logical-axis rules must be active while model code is traced."""
@@ -69,10 +66,12 @@ def _check_vocab(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Non
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[jax.Device] | None = None,
-              saved_model_config: ModelConfig | None = None, with_data: bool = True) -> Run:
+              saved_model_config: ModelConfig | None = None, with_data: bool = True,
+              padded_vocab_size: int | None = None) -> Run:
     """Validates `config` against `devices` (default: all) and builds the run; raises ConfigError first.
 
-    Without data the tokenizer comes from DIR/tokenizer (generation needs no training text).
+    Without data the tokenizer comes from DIR/tokenizer (generation needs no training text). A resumed run passes
+    its saved `padded_vocab_size` so the embedding keeps its shape on another mesh (checked to fit this one).
     """
     devices = list(devices or jax.devices())
     mesh_sizes = config_lib.validate(config, len(devices))
@@ -89,8 +88,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Seque
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
     _check_vocab(config, tokenizer)
-    model_config = saved_model_config or build_model_config(config.model, tokenizer.vocab_size, mesh_sizes,
-                                                            task.heads(), task.num_labels())
+    model_config = saved_model_config or build_model_config(
+        config.model, tokenizer.vocab_size, vocab_shard_sizes(mesh_sizes, rules), task.heads(), task.num_labels(),
+        padded_vocab_size=padded_vocab_size)
     model = build_model(model_config)
     inputs = model_inputs_fn(task)
     params = nn.unbox(abstract_params(model, inputs))
@@ -115,7 +115,7 @@ def build_saved_run(workdir: str, *, with_data: bool) -> Run:
     The saved mesh is used when it fits the devices here; otherwise one device holds everything, which
     suits evaluation and sampling of the models that fit one device.
     """
-    config, model_config = read_run_config(workdir)
+    config, model_config = run_record.read_run_config(workdir)
     try:
         config_lib.validate(config, jax.device_count())
         devices = None
@@ -129,33 +129,12 @@ def jit_train_chunk(run: Run):
     """The jitted multi-step train function with the run's shardings and donated state; the host loop and
     the compile-only report lower the same function."""
     step = make_train_step(run.model, run.task, run.tx, run.schedule, run.config.optimizer.grad_accum_steps,
-                           use_dropout=run.model_config.dropout > 0, frozen=run.frozen)
+                           use_dropout=run.model_config.dropout > 0, frozen=run.frozen,
+                           skip_nonfinite=run.config.train.nonfinite == "skip")
     return jax.jit(make_train_chunk(step),
                    in_shardings=(run.shardings, batch_shardings(run.mesh, run.rules, run.task.batch_spec(),
                                                                 stacked=True)),
                    out_shardings=(run.shardings, None), donate_argnums=0)
-
-
-def write_run_config(run: Run) -> None:
-    """DIR/config.json: the config as given, the resolved model config, and provenance."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(run.workdir, exist_ok=True)
-    payload = {"config": config_lib.config_to_dict(run.config),
-               "model_config": model_config_to_json(run.model_config),
-               "provenance": provenance(dict(run.mesh.shape))}
-    with open(os.path.join(run.workdir, CONFIG_FILE), "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-
-
-def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, ModelConfig]:
-    """The config and model config a training run wrote into DIR/config.json."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory written by llm_jax.train")
-    with open(path) as f:
-        payload: dict[str, Any] = json.load(f)
-    return config_lib.config_from_dict(payload["config"]), model_config_from_json(payload["model_config"])
 
 
 def restore_latest_params(run: Run) -> tuple[int, Any]:

@@ -65,11 +65,27 @@ def _gradients(model: nn.Module, task: Task, params: Any, batch: Batch, dropout_
     return loss, grads
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every array in `tree` is finite (one boolean on device)."""
+    leaves = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def _keep_if_bad(new: TrainState, old: TrainState, ok: jax.Array) -> TrainState:
+    """The update when `ok`, else the previous parameters and optimizer state (the step still advances: the
+    batch was consumed)."""
+    keep = lambda updated, previous: jnp.where(ok, updated, previous)  # noqa: E731
+    return new.replace(params=jax.tree.map(keep, new.params, old.params),
+                       opt_state=jax.tree.map(keep, new.opt_state, old.opt_state))
+
+
 def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int, use_dropout: bool, frozen: Any = None
+                    grad_accum_steps: int, use_dropout: bool, frozen: Any = None, skip_nonfinite: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """One optimizer update; the dropout key is derived from (state.rng, step), so resumes are exact. With a
-    `frozen` mask (True = frozen), train/grad_norm covers the trainable parameters only."""
+    `frozen` mask (True = frozen), train/grad_norm covers the trainable parameters only. With `skip_nonfinite`
+    (train.nonfinite=skip) an update whose loss, gradient or new parameters are not finite is not applied and
+    train/skipped is 1 for that step."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         dropout_key = None
@@ -80,9 +96,15 @@ def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformati
         params = optax.apply_updates(state.params, updates)
         trainable = grads if frozen is None else jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g,
                                                                grads, frozen)
-        metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(trainable),
+        grad_norm = optax.tree.norm(trainable)
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                    "train/learning_rate": schedule(state.step), "train/tokens": task.tokens(batch)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if skip_nonfinite:
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+            new_state = _keep_if_bad(new_state, state, ok)
+            metrics["train/skipped"] = 1.0 - ok.astype(jnp.float32)
+        return new_state, metrics
 
     return train_step
 
