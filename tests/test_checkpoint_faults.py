@@ -89,6 +89,6 @@ def test_a_full_disk_during_a_save_names_the_step_and_the_last_complete_one(tmp_
 
         monkeypatch.setattr(checkpoint_module.ProcessJsonHandler, "save", full_disk)
         with pytest.raises(CheckpointError, match=r"writing checkpoint step 2 under .* failed: OSError: "
-                                                  r".*No space left on device.*newest complete checkpoint is step 1"):
+                                                  r".*No space left on device.*the newest complete checkpoint is step 1"):
             checkpointer.save(2, state, {"position": 2}, force=True)
     assert committed_steps(directory) == [1]

@@ -159,10 +159,11 @@ class Checkpointer:
             if not _is_storage_error(error):
                 raise
             complete = [step for step in committed_steps(self._directory) if step != self._writing]
-            raise CheckpointError(
-                f"writing checkpoint step {self._writing} under {self._directory} failed: {_one_line(error)}. "
-                f"The newest complete checkpoint is step {complete[-1] if complete else None}; free space or "
-                "fix the permissions, then rerun to resume from it") from error
+            resume = (f"the newest complete checkpoint is step {complete[-1]}: free space or fix the permissions, "
+                      "then rerun to resume from it") if complete else (
+                "there is no complete checkpoint yet: free space or fix the permissions, then rerun to start again")
+            raise CheckpointError(f"writing checkpoint step {self._writing} under {self._directory} failed: "
+                                  f"{_one_line(error)}; {resume}") from error
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
         """(state, data_state) of checkpoint `step` (None = the newest), with the shardings of `abstract_state`
