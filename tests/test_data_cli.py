@@ -15,13 +15,13 @@ TRAIN_PARAGRAPHS = 150  # over two files
 VALIDATION_PARAGRAPHS = 20
 
 
-def run_data(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llm_jax.data", *map(str, args)], cwd=REPO_ROOT,
+def run_data(*args: str, timeout: int = 120, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llm_jax.data", *map(str, args)], cwd=cwd,
                           env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def ok(*args: str) -> str:
-    result = run_data(*args)
+def ok(*args: str, cwd=REPO_ROOT) -> str:
+    result = run_data(*args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -117,3 +117,39 @@ def test_inspect_config_shows_the_first_training_rows_of_the_pipeline(tmp_path):
     assert len(segments) >= 6, "first-fit rows of 32 bytes hold two lines of about 16 bytes"
     assert all(re.search(r"positions 0-\d+: \"line \d+ is", line) for line in segments), \
         "every segment is one document from its start: positions restart at 0"
+
+
+def test_a_dataset_prepared_with_a_relative_data_dir_is_found_from_any_directory(tmp_path):
+    """latest.json must not hold a path relative to the working directory `prepare` ran in."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    (here / "c.txt").write_text("first paragraph\n\nsecond paragraph\n", encoding="utf-8")
+    ok("prepare", "--kind=text", "--paths=c.txt", "--split_by=blank_line", "--data_dir=data", "--name=c", cwd=here)
+    assert "train: 2 documents" in ok("stats", "--data_dir=../here/data", "--name=c", cwd=elsewhere)
+    ok("train-tokenizer", "--data_dir=../here/data", "--name=c", "--tokenizer=byte", "--output_dir=tok", cwd=elsewhere)
+    out = ok("inspect", f"--data_dir={here / 'data'}", "--name=c", "--tokenizer_dir=tok", "--seq_len=64",
+             cwd=elsewhere)
+    assert 'segment 1: tokens 0-13, positions 0-13: "first paragrap' in out, out
+
+
+def test_a_failed_prepare_leaves_no_dataset_directory_and_a_later_one_works(tmp_path):
+    """A bad record half-way (in the second file) fails the prepare: nothing of the dataset is left behind."""
+    (tmp_path / "a.txt").write_text("fine\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"fine\n\nnot UTF-8: \xff\n")
+    data_dir = tmp_path / "data"
+    for paths in ("a.txt,b.txt", "a.txt,missing.txt"):
+        result = run_data("prepare", "--kind=text", f"--paths={paths}", "--split_by=blank_line", "--data_dir=data",
+                          "--name=c", cwd=tmp_path)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert not data_dir.exists(), sorted(str(p.relative_to(tmp_path)) for p in data_dir.rglob("*"))
+    (tmp_path / "b.txt").write_text("fine\n\nnow fixed\n", encoding="utf-8")
+    out = ok("prepare", "--kind=text", "--paths=a.txt,b.txt", "--split_by=blank_line", "--data_dir=data", "--name=c",
+             cwd=tmp_path)
+    assert "train: 3 records" in out, out
+    prepared = sorted(p.name for p in (data_dir / "c").iterdir())
+    (tmp_path / "b.txt").write_bytes(b"broken again: \xff\n")
+    result = run_data("prepare", "--kind=text", "--paths=a.txt,b.txt", "--split_by=blank_line", "--data_dir=data",
+                      "--name=c", cwd=tmp_path)
+    assert result.returncode != 0 and "invalid UTF-8" in result.stderr, result.stderr[-3000:]
+    assert sorted(p.name for p in (data_dir / "c").iterdir()) == prepared, "the prepared dataset is kept as it was"

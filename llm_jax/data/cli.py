@@ -104,8 +104,13 @@ def prepare(*, kind: str, paths: Sequence[str], data_dir: str, name: str, split_
 
     splits = {"validation": source(validation_paths)} if validation_paths else None
     with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress lines: keep stdout for the report
-        builder = tfds_sources.prepare(source(paths), data_dir, splits=splits, name=name,
-                                       skip_bad_records=skip_bad_records)
+        try:
+            builder = tfds_sources.prepare(source(paths), data_dir, splits=splits, name=name,
+                                           skip_bad_records=skip_bad_records)
+        except OSError as error:  # an unreadable input file, or a --data_dir that cannot be written
+            where = error.filename or data_dir
+            raise CommandError(f"{where}: {error.strerror or error}; make the input files readable and "
+                               f"--data_dir={data_dir} writable, then prepare again") from None
     lines = [f"dataset {name!r}: {os.fspath(builder.data_path)}"]
     for split in ["train"] + (["validation"] if validation_paths else []):
         lines.append(f"  {split}: {builder.info.splits[split].num_examples} records")

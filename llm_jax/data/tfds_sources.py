@@ -16,7 +16,9 @@ Records keep the order of the files (sorted) and of the lines in them: shuffling
 The fingerprint covers every source file (absolute path, size, mtime, sha256 of the content), every
 option of the sources and `skip_bad_records`: an unchanged source reuses the prepared dataset untouched,
 a changed one is prepared again into a new fingerprint directory.  `data_dir/name/latest.json` names the
-fingerprint that `data_source` reads.
+fingerprint that `data_source` reads, and its builder directory relative to `data_dir/name` (so it resolves
+from any working directory, and after the data directory moves).  A failed `prepare` removes what it
+created: no partial fingerprint directory, and no dataset directory when there was none before.
 
 Bad input raises `ValueError("FILE:LINE: ...")` (1-based line; invalid UTF-8 also gives the byte
 offset), or with `skip_bad_records=True` the bad record is skipped and counted: the counts are logged
@@ -40,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -50,6 +53,7 @@ KINDS = ("text", "jsonl", "tsv", "conll")
 SPLIT_BY = ("file", "blank_line", "line")
 FORMAT_VERSION = 2  # bump when the parsing or the record layout changes: every fingerprint changes
 LATEST_FILE = "latest.json"
+LOCK_FILE = ".prepare.lock"
 MAX_REASONS = 20  # skipped-record reasons kept in the metadata
 
 
@@ -642,24 +646,74 @@ def prepare(
         raise ValueError(f"name={name!r}: give a plain directory name")
     all_splits = _check_splits(source, splits)
     fp = fingerprint(all_splits, skip_bad_records=skip_bad_records)
-    with exclusive_lock(os.path.join(data_dir, name, ".prepare.lock")):
-        return _prepare_locked(all_splits, data_dir, name, fp, skip_bad_records)
+    name_dir = os.path.join(data_dir, name)
+    created = _missing_dirs(name_dir)
+    with exclusive_lock(os.path.join(name_dir, LOCK_FILE)):
+        existed = os.path.exists(os.path.join(name_dir, fp))
+        try:
+            return _prepare_locked(all_splits, data_dir, name, fp, skip_bad_records)
+        except BaseException:
+            _remove_failed(name_dir, None if existed else fp, created)
+            raise
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """`path` and its ancestors that do not exist yet, deepest first: what preparing there would create."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_failed(name_dir: str, fp: str | None, created: Sequence[str]) -> None:
+    """After a failed prepare (under its lock): removes the fingerprint directory `fp` it started, and the
+    directories in `created` (deepest first) that hold nothing else, so no partial dataset is left behind."""
+    if fp is not None:
+        shutil.rmtree(os.path.join(name_dir, fp), ignore_errors=True)
+    lock = os.path.join(name_dir, LOCK_FILE)
+    with contextlib.suppress(OSError):  # cleaning up must not hide the error that failed the prepare
+        if created and os.path.abspath(name_dir) == created[0] and os.listdir(name_dir) == [LOCK_FILE]:
+            os.remove(lock)  # a process waiting on it sees it gone and locks a new one (`exclusive_lock`)
+    for directory in created:
+        try:
+            os.rmdir(directory)  # only when empty
+        except OSError:
+            break
 
 
 @contextlib.contextmanager
 def exclusive_lock(path: str) -> Iterator[None]:
     """An exclusive `fcntl.flock` on `path` (created with its directory) for the block: one process at a time
-    (local processes of one job, or parallel runs) prepares a dataset; the others wait, then find it prepared."""
+    (local processes of one job, or parallel runs) prepares a dataset; the others wait, then find it prepared.
+    A failed prepare may remove the lock file it held: a waiter that then holds a removed file locks anew."""
     import fcntl
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as lock_file:
-        logger.debug("waiting for %s", path)
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+    while True:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+            lock_file = open(path, "a")
+        except FileNotFoundError:  # its directory was removed in between: create it again
+            continue
+        with lock_file:
+            logger.debug("waiting for %s", path)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                if _same_file(path, lock_file.fileno()):
+                    yield
+                    return
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _same_file(path: str, fd: int) -> bool:
+    """Whether `path` still names the open file `fd` (not removed, not replaced)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(stat, os.fstat(fd))
 
 
 def _prepare_locked(all_splits: dict[str, LocalSource], data_dir: str, name: str, fp: str, skip_bad_records: bool):
@@ -679,8 +733,9 @@ def _prepare_locked(all_splits: dict[str, LocalSource], data_dir: str, name: str
         builder = _builder_class()(
             splits=all_splits, skip_bad_records=skip_bad_records, data_dir=root, file_format="array_record"
         )
-    latest = {"fingerprint": fp, "builder_dir": os.fspath(builder.data_path)}
-    _write_json(os.path.join(data_dir, name, LATEST_FILE), latest)
+    # relative to latest.json's directory, not to the working directory: it resolves from anywhere
+    relative = os.path.relpath(os.fspath(builder.data_path), os.path.join(data_dir, name))
+    _write_json(os.path.join(data_dir, name, LATEST_FILE), {"fingerprint": fp, "builder_dir": relative})
     skipped = skipped_records(builder)
     logger.info(
         "%s dataset %r at %s (%s; skipped %d bad records)",
@@ -753,15 +808,20 @@ class DecodedDataSource:
 
 
 def builder_dir(data_dir: str, name: str) -> str:
-    """The TFDS builder directory of the latest `prepare(..., name=name)` under `data_dir`."""
+    """The TFDS builder directory (absolute) of the latest `prepare(..., name=name)` under `data_dir`."""
     latest = os.path.join(data_dir, name, LATEST_FILE)
     if not os.path.exists(latest):
         raise FileNotFoundError(f"{latest}: dataset {name!r} was never prepared under {data_dir} (call prepare first)")
     with open(latest, encoding="utf-8") as f:
-        path = json.load(f)["builder_dir"]
+        recorded = json.load(f)["builder_dir"]
+    path = os.path.join(os.path.dirname(latest), recorded)  # an absolute `recorded` stays as it is
+    if not os.path.exists(os.path.join(path, "dataset_info.json")) and os.path.exists(
+        os.path.join(recorded, "dataset_info.json")
+    ):
+        path = recorded  # written by an older version, relative to the working directory of its prepare
     if not os.path.exists(os.path.join(path, "dataset_info.json")):
         raise FileNotFoundError(f"{path}: the prepared dataset named by {latest} is gone; prepare it again")
-    return path
+    return os.path.abspath(path)
 
 
 def data_source(data_dir: str, name: str, split: str) -> DecodedDataSource:
