@@ -1,4 +1,5 @@
-"""Evaluates the latest checkpoint of a run, prints the metrics and appends them to DIR/metrics.jsonl.
+"""Evaluates the latest checkpoint of a run, prints the metrics and appends them to DIR/metrics.jsonl, marked
+"source": "evaluate" so they are told apart from the training run's own lines.
 
     python -m llm_jax.evaluate --workdir=runs/shakespeare_char --split=validation --eval_steps=200
 """
@@ -22,6 +23,8 @@ _SPLIT = flags.DEFINE_string("split", None, "split to evaluate (default: the run
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "batches to evaluate, -1 = the whole split with "
                                    "data.pipeline=grain (default: the run's train.eval_steps)")
 flags.mark_flag_as_required("workdir")
+
+SOURCE_FIELDS = {"source": "evaluate"}  # in each metrics.jsonl line evaluate appends (not sent to TensorBoard)
 
 
 def evaluate_checkpoint(workdir: str, split: str | None, eval_steps: int | None
@@ -52,7 +55,7 @@ def main(argv: list[str]) -> None:
         step, metrics, report = evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _EVAL_STEPS.value)
         with metrics_lock(_WORKDIR.value):  # a resuming trainer rewrites metrics.jsonl under the same lock
             writer = MetricsWriter(_WORKDIR.value)
-            writer.write(step, metrics)
+            writer.write(step, metrics, json_fields=SOURCE_FIELDS)
             writer.close()
         logging.info("step %d | %s", step, metrics)
         if report:

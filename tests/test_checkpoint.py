@@ -194,3 +194,40 @@ def test_missing_checkpoint_raises(tmp_path):
         with pytest.raises(FileNotFoundError) as excinfo:
             ckpt.restore(None, _abstract(mesh, P("fsdp", None)))
     assert str(directory) in str(excinfo.value)
+
+
+def _as_if_saved_by_two_processes(data_dir) -> None:
+    """Replaces the one process's iterator state of a step by two processes' different ones (a 2-process run)."""
+    (data_dir / "process_0-of-1.json").unlink()
+    (data_dir / "process_0-of-2.json").write_text('{"position": 3}')
+    (data_dir / "process_1-of-2.json").write_text('{"position": 5}')
+
+
+def test_params_restore_reads_a_multi_process_checkpoint_without_its_data_states(tmp_path):
+    directory = tmp_path / "checkpoints"
+    state = _make_state(_mesh((8,), ("fsdp",)), P("fsdp", None))
+    with Checkpointer(str(directory), keep=2, async_save=False) as ckpt:
+        ckpt.save(4, state, {"position": 0})
+    _as_if_saved_by_two_processes(directory / "4" / "data")
+    new_mesh = _mesh((2, 4), ("data", "tensor"))
+    abstract = _abstract(new_mesh, P(None, "tensor"))
+    with Checkpointer(str(directory), keep=2, read_only=True) as ckpt:
+        with pytest.raises(ValueError, match="holds the data-iterator states of 2 processes"):
+            ckpt.restore(None, abstract)  # training resume still insists on the saved process count
+        step, params = ckpt.restore_params(None, abstract.params)
+    assert step == 7  # the train state's step, as restore gives it
+    _assert_trees_equal(params, state.params)
+    assert params["w"].sharding == NamedSharding(new_mesh, P(None, "tensor"))
+    assert params["b"].sharding == NamedSharding(new_mesh, P())
+
+
+def test_read_only_checkpointer_creates_no_directory_and_refuses_to_save(tmp_path):
+    directory = tmp_path / "run" / "checkpoints"
+    mesh = _mesh((8,), ("fsdp",))
+    with Checkpointer(str(directory), keep=1, read_only=True) as ckpt:
+        assert ckpt.latest_step() is None
+        with pytest.raises(FileNotFoundError, match="No checkpoint found"):
+            ckpt.restore_params(None, _abstract(mesh, P("fsdp", None)).params)
+        with pytest.raises(ValueError, match="read-only"):
+            ckpt.save(1, _make_state(mesh, P("fsdp", None)), {})
+    assert not (tmp_path / "run").exists()

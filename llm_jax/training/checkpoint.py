@@ -11,6 +11,8 @@ All processes call `save` and `restore` (Orbax synchronises them and lets the pr
 parts); there is deliberately no process-0-only logic here. Each process's input pipeline reads its own shard,
 so each writes its own iterator state (as Grain's own Orbax handler does). Orbax writes a step into a temporary
 directory and renames it when complete, so a process killed during a save leaves the previous steps loadable.
+Evaluation, sampling and export call `restore_params` on a read-only Checkpointer: it reads the parameters
+alone, so a checkpoint saved by any number of processes restores in one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
@@ -106,22 +109,25 @@ class Checkpointer:
 
     Local paths are made absolute (Orbax's tensorstore layer requires it); URLs such as gs://... are kept. At most
     `keep` steps stay on disk. With `async_save`, `save` returns once the arrays are copied to the host and a
-    background thread writes them; `wait` or `close` blocks until the save is committed.
+    background thread writes them; `wait` or `close` blocks until the save is committed. A `read_only`
+    Checkpointer (evaluate, generate, convert, llm_jax.load) never creates the directory and refuses to save.
     """
 
-    def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int, async_save: bool = True, read_only: bool = False):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self._directory = _absolute(directory)
         self._keep = keep
         self._async_save = async_save
+        self._read_only = read_only
         self._writing: int | None = None  # the step of the latest save, possibly still being written
         self._manager = self._new_manager()
 
     def _new_manager(self) -> ocp.CheckpointManager:
         # The host loop decides when to save: an interval of 1 lets Orbax save every step it is asked to.
         options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, save_interval_steps=1,
-                                               enable_async_checkpointing=self._async_save, create=True)
+                                               enable_async_checkpointing=self._async_save,
+                                               create=not self._read_only)
         return ocp.CheckpointManager(self._directory, item_names=(STATE_ITEM, DATA_ITEM), options=options)
 
     @property
@@ -142,6 +148,9 @@ class Checkpointer:
         """Saves `state` and `data_state` as checkpoint `step` (every process calls it); returns whether a save
         started. Orbax declines a step not newer than the latest unless `force`; an existing step raises
         StepAlreadyExistsError even with `force`."""
+        if self._read_only:
+            raise ValueError(f"this Checkpointer of {self._directory} is read-only: build one without read_only "
+                             "to save")
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
                                      DATA_ITEM: ProcessJsonSave(dict(data_state))})
         self.wait()  # Orbax waits for the previous async save anyway; its failure names that step
@@ -172,6 +181,37 @@ class Checkpointer:
         A missing step raises FileNotFoundError naming the directory; a step that cannot be read (truncated,
         corrupt or another model's) raises CheckpointError naming its directory and what is wrong.
         """
+        step = self._committed_step(step)
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                                     DATA_ITEM: ProcessJsonRestore()})
+        with self._restore_errors(step):
+            restored = self._manager.restore(step, args=args)
+        return restored[STATE_ITEM], dict(restored[DATA_ITEM])
+
+    def restore_params(self, step: int | None, abstract_params: Any) -> tuple[int, Any]:
+        """(the saved train step, params) of checkpoint `step` (None = the newest), with the shardings of
+        `abstract_params`: what evaluation, sampling and export need.
+
+        Only `step` and `params` of the state item are read, neither the optimizer state (no memory spent on
+        it) nor the data-iterator states, so a checkpoint saved by N processes restores in one (`restore`
+        insists on N). Errors as in `restore`.
+        """
+        step = self._committed_step(step)
+        item = {"step": 0, "params": abstract_params}  # a subset of the saved TrainState's entries
+        restore_args = {"step": ocp.RestoreArgs(restore_type=np.ndarray),
+                        "params": ocp.checkpoint_utils.construct_restore_args(abstract_params)}
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        reader = ocp.PyTreeCheckpointer()  # the state item alone, outside the manager (its handler is fixed)
+        try:
+            with self._restore_errors(step):
+                restored = reader.restore(epath.Path(self._directory) / str(step) / STATE_ITEM, args=args)
+        finally:
+            reader.close()
+        return int(restored["step"]), restored["params"]
+
+    def _committed_step(self, step: int | None) -> int:
+        """`step`, or the newest when None, once pending saves have committed; FileNotFoundError naming the
+        directory (and the steps there) when it is not on disk."""
         self._manager.wait_until_finished()  # an in-flight async save is listed already: let it commit
         available = self.all_steps()
         if step is None and not available:
@@ -180,16 +220,19 @@ class Checkpointer:
         if step not in available:
             raise FileNotFoundError(f"No checkpoint for step {step} in {self._directory!r} "
                                     f"(available steps: {available}).")
-        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-                                     DATA_ITEM: ProcessJsonRestore()})
+        return step
+
+    @contextlib.contextmanager
+    def _restore_errors(self, step: int) -> Iterator[None]:
+        """Any error reading checkpoint `step` becomes a CheckpointError naming its directory (Orbax and
+        tensorstore raise many types for unreadable files); a ConfigError (the data states) passes."""
         try:
-            restored = self._manager.restore(step, args=args)
+            yield
         except ConfigError:
             raise
-        except Exception as error:  # Orbax and tensorstore raise many types for unreadable files
+        except Exception as error:
             raise CheckpointError(f"{os.path.join(self._directory, str(step))} cannot be restored: "
                                   f"{_one_line(error)}") from error
-        return restored[STATE_ITEM], dict(restored[DATA_ITEM])
 
     def restore_newest(self, abstract_state: Any, *, fallback: bool) -> tuple[int, Any, dict]:
         """(step, state, data_state) of the newest checkpoint. When it cannot be restored and `fallback` is set,

@@ -272,6 +272,12 @@ class HostLoop:
 
     def run_from(self, state: TrainState, start: int, stop_request: StopRequest) -> TrainState:
         step, pending, window = start, None, TrainWindow(start, self.guard)
+        log_every = self.run.config.train.log_every
+        if start % log_every and start < self.events.total:
+            first_log = min(self.events.total, (start // log_every + 1) * log_every)
+            logging.info("resumed between log steps: the train metrics logged at step %d average steps %d-%d only "
+                         "(an uninterrupted run averages the %d steps up to it)", first_log, start + 1, first_log,
+                         log_every)
         while step < self.events.total:
             stop = self.events.next_stop(step)
             local = self.run.data.train.next_chunk(stop - step)
@@ -394,5 +400,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
 def _last_metrics(workdir: str) -> dict[str, float]:
     latest: dict[str, float] = {}
     for record in read_run_metrics(workdir):
-        latest.update({k: v for k, v in record.items() if k != "step"})
+        if "source" not in record:  # the training run's own lines, not those evaluate appended
+            latest.update({k: v for k, v in record.items() if k != "step"})
     return latest

@@ -69,6 +69,15 @@ def _cut_torn_line(path: str) -> None:
         return
 
 
+def _checked_fields(fields: Mapping[str, str], record: Mapping[str, Any]) -> dict[str, str]:
+    """`fields` once they are strings under names the record does not use (a clash would overwrite a metric)."""
+    for name, value in fields.items():
+        if name in record or not isinstance(value, str):
+            raise ValueError(f"json field {name}={value!r}: give a string under a name that is neither 'step' nor "
+                             "a metric")
+    return dict(fields)
+
+
 class MetricsWriter:
     """Writes scalar metrics to DIR/metrics.jsonl and DIR/tensorboard/, only on JAX process 0."""
 
@@ -102,17 +111,20 @@ class MetricsWriter:
         self._events.write(event.SerializeToString())
         self._events.flush()
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    def write(self, step: int, metrics: Mapping[str, float], *,
+              json_fields: Mapping[str, str] | None = None) -> None:
         """Appends one JSON line and one TensorBoard scalar per metric at `step`, then flushes both.
 
         Non-finite values are written as `null` in the JSON line (the key is kept), so the file
-        stays strict JSON; TensorBoard receives them as-is.
+        stays strict JSON; TensorBoard receives them as-is. `json_fields` (strings, e.g. {"source": "evaluate"})
+        go into the JSON line alone: they tell its writer apart and are no TensorBoard scalars.
         """
         if not self.enabled or self._jsonl is None or self._events is None:
             return
         step = int(step)
         record: dict[str, Any] = {"step": step}
         record.update({name: _json_value(value) for name, value in metrics.items()})
+        record.update(_checked_fields(json_fields or {}, record))
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
 

@@ -139,13 +139,14 @@ def jit_train_chunk(run: Run):
 
 def restore_latest_params(run: Run) -> tuple[int, Any]:
     """(step, params) of the run's latest checkpoint, on the run's mesh (what evaluate, generate, convert and
-    llm_jax.load read; the data-iterator state is not needed)."""
+    llm_jax.load read). The params alone are read, so a run trained by any number of processes restores in
+    this one (the data-iterator states are per process), and a missing checkpoints/ is not created."""
     from llm_jax.training.checkpoint import Checkpointer
 
-    checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False)
+    checkpointer = Checkpointer(run.checkpoint_dir, keep=run.config.train.keep_checkpoints, async_save=False,
+                                read_only=True)
     try:
         with jax.set_mesh(run.mesh), run.rules_context():
-            state, _ = checkpointer.restore(None, run.abstract_state)
+            return checkpointer.restore_params(None, run.abstract_state.params)
     finally:
         checkpointer.close()
-    return int(state.step), state.params
