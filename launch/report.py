@@ -3,12 +3,16 @@
     python -m launch.report --sweep_dir=runs/sweep
 
 Reads SWEEP_DIR/sweep.json and each run's metrics.jsonl and sweep_run.json; writes SWEEP_DIR/report.md,
-SWEEP_DIR/report.csv and SWEEP_DIR/loss_curves.png, and prints the table. Runs without metrics are "missing".
+SWEEP_DIR/report.csv and SWEEP_DIR/loss_curves.{png,svg,pdf}, and prints the table. Runs without metrics are
+"missing". The figure is titled with the experiment and its swept keys and has a panel of train loss and one of
+validation loss against step (a dot per run of its final validation loss when no run evaluated more than once);
+one colour per value of the first swept key, a marker and line style per value of the others.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -16,9 +20,21 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
-from launch.sweep import RUN_FILE, SWEEP_FILE, SweepError, format_value, is_finished, read_metrics
+from launch.sweep import RUN_FILE, SWEEP_FILE, SweepError, short_keys, format_value, is_finished, read_metrics
+from llm_jax.errors import UserError
+from llm_jax.training import run_record
 
 METRIC_COLUMNS = ("train/loss", "eval/loss", "eval/perplexity")
+PLOT_STEM = "loss_curves"
+PLOT_FORMATS = ("png", "svg", "pdf")  # png to look at; svg and pdf (text kept as text) for papers and slides
+LOSS_UNITS = {"causal_lm": "nats per token", "masked_lm": "nats per masked token",
+              "classification": "nats per example", "token_classification": "nats per labelled word"}
+_STYLE = {"font.size": 13, "axes.titlesize": 15, "axes.labelsize": 14, "xtick.labelsize": 12, "ytick.labelsize": 12,
+          "legend.fontsize": 12, "legend.title_fontsize": 12, "figure.titlesize": 16, "lines.linewidth": 2.0,
+          "lines.markersize": 6, "svg.fonttype": "none", "pdf.fonttype": 42, "savefig.bbox": "tight"}
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+_LINESTYLES = ("-", "--", "-.", ":")
+_MAX_MARKERS = 12  # per train curve: every point of a long run would hide the line
 
 
 def load_sweep(sweep_dir: str) -> dict:
@@ -121,38 +137,175 @@ def write_csv(rows: Sequence[dict], path: str) -> None:
                              else format_value(value) for value in row.values()])
 
 
-def plot_loss_curves(sweep_dir: str, names: Sequence[str], path: str) -> None:
-    """Two panels, train/loss and eval/loss against step, one line per run with metrics."""
+@dataclasses.dataclass
+class RunCurves:
+    """What the plot shows of one run: its legend label, style and (step, loss) points."""
+
+    name: str
+    label: str  # 'learning_rate=0.001, d_model=64', for the legend
+    values: str  # '0.001, 64', for the final-loss axis
+    style: dict[str, Any]
+    train: list[tuple[int, float]]
+    evals: list[tuple[int, float]]
+
+
+def sweep_title(sweep: dict, keys: Sequence[str]) -> str:
+    """'shakespeare_char:quick: sweep of optimizer.learning_rate × model.d_model (6 runs)'."""
+    experiment = os.path.splitext(os.path.basename(sweep.get("experiment") or sweep.get("config") or "sweep"))[0]
+    if sweep.get("variant"):
+        experiment += f":{sweep['variant']}"
+    swept = " × ".join(keys) if keys else "no swept keys"
+    return f"{experiment}: sweep of {swept} ({len(sweep['runs'])} runs)"
+
+
+def run_label(run: dict, short: dict[str, str], with_keys: bool = True) -> str:
+    """'learning_rate=0.001, d_model=64' (or '0.001, 64'): the run's swept values; its name when none."""
+    overrides = run.get("overrides", {})
+    return ", ".join(f"{short[key]}={format_value(value)}" if with_keys else format_value(value)
+                     for key, value in overrides.items()) or run["name"]
+
+
+def _palette(count: int, ordered: bool) -> list[Any]:
+    """`count` colours: viridis (dark to light) for ordered numeric values, tab10 otherwise."""
     import matplotlib
 
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if ordered or count > 10:
+        colormap = matplotlib.colormaps["viridis"]
+        return [colormap(0.85 * index / max(count - 1, 1)) for index in range(count)]
+    return [matplotlib.colormaps["tab10"](index) for index in range(count)]
+
+
+def run_styles(runs: Sequence[dict], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Colour per value of the first swept key, marker and line style per value of the other keys; one colour
+    and marker per run when nothing is swept or two runs share all values, so every curve stays distinct."""
+    combos = [tuple(format_value(run.get("overrides", {}).get(key)) for key in keys) for run in runs]
+    firsts = [run.get("overrides", {}).get(keys[0]) for run in runs] if keys else []
+    numeric = bool(firsts) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in firsts)
+    if not keys or len(set(combos)) < len(combos):
+        colour_ids = shape_ids = list(range(len(runs)))
+        numeric = False
+    else:
+        order = sorted(set(firsts)) if numeric else list(dict.fromkeys(combo[0] for combo in combos))
+        colour_ids = [order.index(value if numeric else combo[0]) for value, combo in zip(firsts, combos)]
+        rests = list(dict.fromkeys(combo[1:] for combo in combos))
+        shape_ids = [rests.index(combo[1:]) for combo in combos]
+    colours = _palette(max(colour_ids, default=0) + 1, numeric)
+    return [{"color": colours[c], "marker": _MARKERS[s % len(_MARKERS)], "linestyle": _LINESTYLES[s % len(_LINESTYLES)]}
+            for c, s in zip(colour_ids, shape_ids)]
+
+
+def load_curves(sweep_dir: str, sweep: dict) -> list[RunCurves]:
+    """The train and eval loss points of every run of the sweep that logged any."""
+    keys = override_keys(sweep)
+    short = short_keys([run.get("overrides", {}) for run in sweep["runs"]])
+    curves = []
+    for run, style in zip(sweep["runs"], run_styles(sweep["runs"], keys)):
+        records = read_metrics(os.path.join(sweep_dir, run["name"]))
+        points = {key: [(r["step"], r[key]) for r in records if r.get(key) is not None]
+                  for key in ("train/loss", "eval/loss")}
+        if points["train/loss"] or points["eval/loss"]:
+            curves.append(RunCurves(run["name"], run_label(run, short), run_label(run, short, False), style,
+                                    points["train/loss"], points["eval/loss"]))
+    return curves
+
+
+def loss_unit(sweep_dir: str, names: Sequence[str]) -> str:
+    """The loss's unit, from the first run's config.json (data.objective); plain 'nats' if none is readable."""
+    for name in names:
+        try:
+            data = (run_record.read_record(os.path.join(sweep_dir, name)) or {})["config"]["data"]
+        except (UserError, KeyError, TypeError):
+            continue
+        unit = LOSS_UNITS.get(data.get("objective", "causal_lm"), "nats")
+        if data.get("objective") == "masked_lm" and data.get("sentence_task", "none") != "none":
+            unit += " + sentence-pair loss"
+        return unit
+    return "nats"
+
+
+def _plot_curves(axis: Any, curves: Sequence[RunCurves], attribute: str, title: str, unit: str) -> None:
+    """One line with markers per run: loss against step."""
     from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    plotted = False
-    for name in names:
-        records = read_metrics(os.path.join(sweep_dir, name))
-        for axis, key in zip(axes, ("train/loss", "eval/loss")):
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                axis.plot(*zip(*points), marker="o" if key == "eval/loss" else None, markersize=3, label=name)
-                plotted = True
-    for axis, key in zip(axes, ("train/loss", "eval/loss")):
-        axis.set(title=key, xlabel="step", ylabel="loss")
-        axis.grid(alpha=0.3)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if axis.lines:
-            axis.legend(fontsize="small")
-    if not plotted:
-        figure.suptitle("no run has metrics yet")
-    figure.savefig(path, dpi=100)
+    for run in curves:
+        points = getattr(run, attribute)
+        if points:
+            axis.plot(*zip(*points), label=run.label, markevery=max(1, len(points) // _MAX_MARKERS), **run.style)
+    axis.set(title=title, xlabel="training step", ylabel=f"loss ({unit})")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.grid(alpha=0.3)
+
+
+def _plot_finals(axis: Any, curves: Sequence[RunCurves], swept: str, unit: str) -> None:
+    """A dot per run at its last eval loss, runs down the y axis in sweep order, each value written beside it."""
+    runs = [run for run in curves if run.evals]
+    for row, run in enumerate(runs):
+        loss = run.evals[-1][1]
+        axis.plot([loss], [row], linestyle="none", color=run.style["color"], marker=run.style["marker"],
+                  markersize=10, label=run.label)
+        axis.annotate(f"{loss:.3f}", (loss, row), xytext=(9, 0), textcoords="offset points", va="center")
+    steps = sorted({run.evals[-1][0] for run in runs})
+    at = f"at step {steps[0]}" if len(steps) == 1 else "at each run's last evaluation"
+    axis.set(title=f"final validation loss {at}", xlabel=f"loss ({unit})", yticks=range(len(runs)),
+             yticklabels=[run.values for run in runs], ylabel=swept, ylim=(len(runs) - 0.5, -0.5))
+    axis.margins(x=0.2)
+    axis.grid(alpha=0.3, axis="x")
+
+
+def loss_figure(sweep_dir: str, sweep: dict) -> Any:
+    """The figure of the sweep: train loss curves; validation loss curves when a run evaluated more than once,
+    else each run's final validation loss as a dot chart (lines through single points would look empty)."""
+    import matplotlib.pyplot as plt
+
+    curves, keys = load_curves(sweep_dir, sweep), override_keys(sweep)
+    unit = loss_unit(sweep_dir, [run.name for run in curves])
+    panels, eval_curves = [], any(len(run.evals) > 1 for run in curves)
+    if any(run.train for run in curves):
+        panels.append(lambda axis: _plot_curves(axis, curves, "train", "train loss", unit))
+    if eval_curves:
+        panels.append(lambda axis: _plot_curves(axis, curves, "evals", "validation loss", unit))
+    elif any(run.evals for run in curves):
+        swept = ", ".join(short_keys([run.get("overrides", {}) for run in sweep["runs"]]).values()) or "run"
+        panels.append(lambda axis: _plot_finals(axis, curves, swept, unit))
+    height = max(4.8, 1.5 + 0.45 * len(curves))
+    figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.2 * max(len(panels), 1) + 3.5, height),
+                                constrained_layout=True, squeeze=False, sharex=eval_curves)
+    for axis, draw in zip(axes[0], panels):
+        draw(axis)
+    figure.suptitle(sweep_title(sweep, keys), fontweight="bold")
+    if not panels:
+        axes[0][0].set_axis_off()
+        axes[0][0].text(0.5, 0.5, "no run has metrics yet", ha="center", va="center", transform=axes[0][0].transAxes)
+    else:
+        legend: dict[str, Any] = {}  # the first panel's handle per run: a line with its marker
+        for axis in axes[0]:
+            for handle, label in zip(*axis.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        figure.legend(legend.values(), legend.keys(), loc="outside right center", title=" × ".join(keys) or "run",
+                      frameon=False)
+    return figure
+
+
+def plot_loss_curves(sweep_dir: str, sweep: dict, stem: str) -> list[str]:
+    """Writes the sweep's figure (see `loss_figure`) to STEM.png, STEM.svg and STEM.pdf; returns the paths."""
+    import matplotlib
+
+    for library in ("matplotlib", "fontTools"):  # absl's INFO level would print the PDF's font subsetting
+        logging.getLogger(library).setLevel(logging.WARNING)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [f"{stem}.{extension}" for extension in PLOT_FORMATS]
+    with matplotlib.rc_context(_STYLE):
+        figure = loss_figure(sweep_dir, sweep)
+        for path in paths:
+            figure.savefig(path, dpi=150)
     plt.close(figure)
+    return paths
 
 
 def write_report(sweep_dir: str) -> str:
-    """Writes report.md, report.csv and loss_curves.png into `sweep_dir`; returns the Markdown table."""
+    """Writes report.md, report.csv and loss_curves.{png,svg,pdf} into `sweep_dir`; returns the Markdown table."""
     rows = build_report(sweep_dir)
     table = markdown_table(rows)
     sweep = load_sweep(sweep_dir)
@@ -163,9 +316,9 @@ def write_report(sweep_dir: str) -> str:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SweepError(f"wrote report.md and report.csv in {sweep_dir}, but loss_curves.png needs matplotlib: "
-                         "pip install matplotlib") from None
-    plot_loss_curves(sweep_dir, [row["name"] for row in rows], os.path.join(sweep_dir, "loss_curves.png"))
+        raise SweepError(f"wrote report.md and report.csv in {sweep_dir}, but the {PLOT_STEM} plots need "
+                         "matplotlib: pip install matplotlib") from None
+    plot_loss_curves(sweep_dir, sweep, os.path.join(sweep_dir, PLOT_STEM))
     return table
 
 
@@ -184,7 +337,8 @@ def main(argv: list[str]) -> None:
     except SweepError as error:
         raise SystemExit(f"error: {error}") from None
     print(table, end="")
-    print(f"wrote {os.path.join(sweep_dir, 'report.md')}, report.csv and loss_curves.png")
+    plots = ", ".join(f"{PLOT_STEM}.{extension}" for extension in PLOT_FORMATS)
+    print(f"wrote {os.path.join(sweep_dir, 'report.md')}, report.csv, {plots}")
 
 
 if __name__ == "__main__":

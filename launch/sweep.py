@@ -3,6 +3,7 @@
     python -m launch.sweep --config=experiments/shakespeare_char.py:quick --sweep_dir=runs/sweep
     python -m launch.sweep --config=... --sweep_dir=... --parallel=2 -- --config.train.steps=200
     python -m launch.sweep --config=... --sweep_dir=... --backend=slurm --slurm_gpus_per_node=8
+    python -m launch.sweep --config=... --sweep_dir=... --only=learning_rate=0.001 --dry_run   # a subset
     python -m launch.report --sweep_dir=runs/sweep        # table, CSV and loss curves
 
 Every run's config is built and validated before anything starts. Runs live in SWEEP_DIR/NAME, where NAME is
@@ -124,7 +125,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _short_keys(sweep: list[dict[str, Any]]) -> dict[str, str]:
+def short_keys(sweep: list[dict[str, Any]]) -> dict[str, str]:
     """Dotted key -> the name it gets in run names: the last part, unless two keys share it."""
     keys = list(dict.fromkeys(key for overrides in sweep for key in overrides))
     last = [key.rpartition(".")[2] for key in keys]
@@ -133,7 +134,7 @@ def _short_keys(sweep: list[dict[str, Any]]) -> dict[str, str]:
 
 def run_names(sweep: list[dict[str, Any]]) -> list[str]:
     """Readable, filesystem-safe, unique names: `learning_rate=0.001,d_model=64` (empty overrides: `base`)."""
-    short = _short_keys(sweep)
+    short = short_keys(sweep)
     names, seen = [], set()
     for overrides in sweep:
         name = ",".join(f"{short[key]}={format_value(value)}" for key, value in overrides.items()) or "base"
@@ -280,7 +281,8 @@ def is_finished(workdir: str, planned_steps: int | None = None) -> bool:
         return False
     if planned_steps is not None and steps != planned_steps:
         return False
-    return any("eval/loss" in record and record["step"] == steps for record in read_metrics(workdir))
+    return any("eval/loss" in record and record["step"] == steps and "source" not in record
+               for record in read_metrics(workdir))
 
 
 def _json_ready(value: Any) -> Any:
@@ -529,6 +531,51 @@ def run_local(config_arg: str, runs: Sequence[Run], extra_args: Sequence[str], p
 # ----------------------------------------------------------------------------- the sweep
 
 
+def _same_value(value: Any, text: str) -> bool:
+    """Whether the command-line `text` names the swept `value` (numbers by value: 1e-3 names 0.001)."""
+    if format_value(value).lower() == text.lower():
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(text) == float(value)
+        except ValueError:
+            return False
+    return False
+
+
+def _matches(run: Run, only: str, dotted_of: Mapping[str, str], config_arg: str) -> bool:
+    """Whether `run` is named by the filter `only`: its exact name, or KEY=VALUE terms joined by commas that
+    all hold for it (KEY dotted or as in run names)."""
+    if only == run.name:
+        return True
+    for term in only.split(","):
+        key, sep, value = (part.strip() for part in term.partition("="))
+        if sep and key not in dotted_of:
+            raise SweepError(f"--only={only}: {key} is not a swept key of {config_arg}; swept keys: "
+                             f"{', '.join(sorted(set(dotted_of.values()))) or '(none)'}")
+        if not sep or not _same_value(run.overrides.get(dotted_of[key], object()), value):
+            return False
+    return True
+
+
+def select_runs(runs: Sequence[Run], only: Sequence[str], config_arg: str) -> list[Run]:
+    """The runs that match any `--only` filter (all runs without one); a filter matching none is an error."""
+    if not only:
+        return list(runs)
+    short = short_keys([run.overrides for run in runs])
+    dotted_of = {**{name: dotted for dotted, name in short.items()}, **{dotted: dotted for dotted in short}}
+    chosen = [[run for run in runs if _matches(run, text, dotted_of, config_arg)] for text in only]
+    for text, matched in zip(only, chosen):
+        if not matched:
+            names = ", ".join(run.name for run in runs[:4]) + (", ..." if len(runs) > 4 else "")
+            example = runs[0].name.split(",")[0]
+            raise SweepError(f"--only={text} matches none of the {len(runs)} runs of {config_arg} ({names}); give "
+                             f"KEY=VALUE terms joined by commas that all hold (e.g. --only={example}) or a run's "
+                             "name; repeat --only for more runs")
+    selected = {id(run) for matched in chosen for run in matched}
+    return [run for run in runs if id(run) in selected]
+
+
 def _todo(runs: Sequence[Run]) -> list[Run]:
     """The runs not yet finished, printing a `skip` line for each finished one."""
     todo = []
@@ -551,8 +598,9 @@ def _lock_sweep_dir(sweep_dir: str) -> workdir_lock.DirectoryLock:
 def run_sweep(config_arg: str, sweep_dir: str, backend: str = "local", extra_args: Sequence[str] = (),
               parallel: int = 1, dry_run: bool = False, devices_per_run: int = 0, num_devices: int = 0,
               remote: RemoteOptions = RemoteOptions(), env: Mapping[str, str] | None = None,
-              run_timeout: float = 0.0) -> list[str]:
-    """Validates every run, writes sweep.json, then runs (local) or prints (tpu, slurm, dry run) the runs.
+              run_timeout: float = 0.0, only: Sequence[str] = ()) -> list[str]:
+    """Validates every run, writes sweep.json, then runs (local) or prints (tpu, slurm, dry run) the runs that
+    match an `only` filter (see `select_runs`; all runs without one). sweep.json lists every run either way.
 
     Returns the names of the runs that failed. `num_devices` is the device count each run is validated for
     (0 = devices_per_run or 1 locally, nodes * GPUs per node for slurm with GPUs, else the config's mesh).
@@ -565,8 +613,10 @@ def run_sweep(config_arg: str, sweep_dir: str, backend: str = "local", extra_arg
         sweep_dir = os.path.abspath(sweep_dir)  # job scripts `cd` to the repository first
     devices = num_devices or {"local": devices_per_run or 1, "tpu": None,
                               "slurm": remote.slurm_nodes * remote.slurm_gpus_per_node or None}[backend]
-    runs = expand_sweep(config_arg, sweep_dir, extra_args, devices)
-    print(f"sweep of {len(runs)} runs of {config_arg} in {sweep_dir} ({backend})", flush=True)
+    every_run = expand_sweep(config_arg, sweep_dir, extra_args, devices)
+    runs = select_runs(every_run, only, config_arg)
+    chosen = f", {len(runs)} chosen by --only: {', '.join(run.name for run in runs)}" if only else ""
+    print(f"sweep of {len(every_run)} runs of {config_arg} in {sweep_dir} ({backend}){chosen}", flush=True)
     if backend == "local" and dry_run:
         for index, run in enumerate(_todo(runs)):
             slot = slot_devices(index % parallel, devices_per_run)
@@ -574,7 +624,7 @@ def run_sweep(config_arg: str, sweep_dir: str, backend: str = "local", extra_arg
             print(shlex.join([*prefix, "python", "-m", "llm_jax.train", *train_args(config_arg, run, extra_args)]))
         return []
     with _lock_sweep_dir(sweep_dir):
-        write_sweep_file(sweep_dir, sweep_record(config_arg, backend, extra_args, runs))
+        write_sweep_file(sweep_dir, sweep_record(config_arg, backend, extra_args, every_run))
         todo = _todo(runs)
         if backend == "tpu":
             _print_tpu(config_arg, todo, extra_args, remote)
@@ -601,6 +651,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_devices", 0, "devices per run to validate configs for (0 = devices_per_run or 1 "
                          "locally; slurm_nodes * slurm_gpus_per_node for slurm; else the config's mesh)")
     flags.DEFINE_float("run_timeout", 0.0, "local: SIGTERM a run after this many seconds (0 = none)")
+    flags.DEFINE_multi_string("only", [], "run only the matching points: KEY=VALUE terms joined by commas that "
+                              "must all hold (KEY dotted or as in run names, e.g. learning_rate=0.001,d_model=64), "
+                              "or a run's name; repeat the flag for more points")
     flags.DEFINE_string("tpu_name", "TPU_NAME", "tpu: the TPU VM name")
     flags.DEFINE_string("zone", "ZONE", "tpu: the TPU VM zone")
     flags.DEFINE_string("repo_dir", "", "tpu/slurm: this repository's path on the remote machines "
@@ -619,7 +672,7 @@ def main(argv: list[str]) -> None:
                            f.slurm_partition)
     try:
         failed = run_sweep(f.config, f.sweep_dir, f.backend, extra_args, f.parallel, f.dry_run, f.devices_per_run,
-                           f.num_devices, remote, run_timeout=f.run_timeout)
+                           f.num_devices, remote, run_timeout=f.run_timeout, only=f.only)
     except SweepError as error:
         raise SystemExit(f"error: {error}") from None
     if failed:

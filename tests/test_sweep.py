@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ElementTree
 
 import pytest
 
@@ -45,6 +46,16 @@ def write_experiment(directory, runs: list[dict], name: str = "tiny_sweep.py") -
 def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def svg_texts(path) -> list[str]:
+    """The text of every <text> element of an SVG written by launch.report (text is kept as text there)."""
+    return ["".join(element.itertext()) for element in ElementTree.parse(path).iter("{http://www.w3.org/2000/svg}text")]
+
+
+def write_metrics(workdir, lines: list[dict]) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def final_eval_loss(workdir) -> float:
@@ -120,6 +131,32 @@ def test_report_lists_runs_metrics_and_plots(swept):
     assert [float(row["eval/loss"]) for row in table] == [row["eval/loss"] for row in rows]
     png = (sweep_dir / "loss_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert (sweep_dir / "loss_curves.pdf").read_bytes().startswith(b"%PDF")
+    texts = svg_texts(sweep_dir / "loss_curves.svg")
+    assert "tiny_sweep:quick: sweep of optimizer.learning_rate (2 runs)" in texts, texts
+    assert {"train loss", "validation loss", "training step", "loss (nats per token)"} <= set(texts), texts
+    assert "optimizer.learning_rate" in texts and {"learning_rate=0.001", "learning_rate=0.003"} <= set(texts)
+
+
+def test_report_plots_a_single_final_eval_per_run_as_dots(tmp_path):
+    runs = [sweep.Run(name, overrides, str(tmp_path / name)) for name, overrides in zip(NAMES, TWO_RATES)]
+    sweep.write_sweep_file(str(tmp_path), sweep.sweep_record("experiments/lr.py", "local", [], runs))
+    for index, name in enumerate(NAMES):
+        write_metrics(tmp_path / name, [{"step": 5, "train/loss": 3.0 - index}, {"step": 10, "train/loss": 2.5 - index},
+                                        {"step": 10, "eval/loss": 2.25 - index}])
+    report.plot_loss_curves(str(tmp_path), report.load_sweep(str(tmp_path)), str(tmp_path / "plot"))
+    texts = svg_texts(tmp_path / "plot.svg")
+    assert "final validation loss at step 10" in texts and "validation loss" not in texts, texts
+    assert {"2.250", "1.250", "0.001", "0.003", "learning_rate"} <= set(texts), "dots labelled by value and run"
+
+
+def test_run_styles_give_a_colour_per_first_key_value_and_a_marker_per_other():
+    runs = [{"overrides": {"optimizer.learning_rate": rate, "model.d_model": width}}
+            for rate in (3e-3, 1e-3) for width in (64, 128)]
+    styles = report.run_styles(runs, ["optimizer.learning_rate", "model.d_model"])
+    assert styles[0]["color"] == styles[1]["color"] != styles[2]["color"] == styles[3]["color"]
+    assert styles[0]["marker"] == styles[2]["marker"] != styles[1]["marker"] == styles[3]["marker"]
+    assert len({style["color"] for style in report.run_styles([{}, {}], [])}) == 2, "one colour per run"
 
 
 def test_report_marks_runs_without_metrics_missing(tmp_path):
@@ -128,6 +165,7 @@ def test_report_marks_runs_without_metrics_missing(tmp_path):
     table = report.write_report(str(tmp_path))
     assert report.build_report(str(tmp_path))[0]["status"] == "missing" and "missing" in table
     assert (tmp_path / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "no run has metrics yet" in svg_texts(tmp_path / "loss_curves.svg")
 
 
 def test_unknown_key_fails_before_anything_runs(tmp_path):
@@ -183,3 +221,23 @@ def test_dry_run_backends_print_each_runs_command(backend, tmp_path, capsys):
             assert gcloud in printed
     assert not os.path.exists(os.path.join(sweep_dir, NAMES[0], "metrics.jsonl"))
     assert os.path.exists(os.path.join(sweep_dir, sweep.SWEEP_FILE)) == (backend != "local")
+
+
+def test_only_runs_the_matching_points(tmp_path, capsys):
+    config = write_experiment(tmp_path, TWO_RATES)
+    sweep_dir = tmp_path / "runs"
+    for only in (["learning_rate=3e-3"], ["optimizer.learning_rate=0.003"], [NAMES[1]]):
+        assert sweep.run_sweep(config, str(sweep_dir), "tpu", FAST, only=only) == []
+        printed = capsys.readouterr().out
+        assert f"--workdir={sweep_dir / NAMES[1]}" in printed, (only, printed)
+        assert f"--workdir={sweep_dir / NAMES[0]}" not in printed, (only, printed)
+    assert [run["name"] for run in json.loads((sweep_dir / "sweep.json").read_text())["runs"]] == NAMES
+    sweep.run_sweep(config, str(sweep_dir), "tpu", FAST, only=NAMES)  # repeated --only: either point
+    printed = capsys.readouterr().out
+    assert all(f"--workdir={sweep_dir / name}" in printed for name in NAMES), printed
+    with pytest.raises(sweep.SweepError, match="not a swept key"):
+        sweep.run_sweep(config, str(sweep_dir), "tpu", FAST, only=["width=64"])
+    result = run_cli("launch.sweep", f"--config={config}", f"--sweep_dir={sweep_dir}", "--dry_run",
+                     f"--only={NAMES[0]}", "--only=learning_rate=0.01", "--", *FAST, timeout=120)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: --only=learning_rate=0.01 matches none of the 2 runs"), result.stderr
