@@ -17,7 +17,9 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--config.model.num_layers=12", "--config.model.num_heads=12", "--config.model.d_model=768",
-         "--config.model.d_ff=3072", "--config.model.vocab_size=50257", "--config.model.max_len=512",
+         "--config.model.d_ff=3072", "--config.data.tokenizer=gpt2_bpe",
+         f"--config.data.tokenizer_path={os.path.join(os.path.dirname(REPO), 'shared', 'data', 'gpt2.tiktoken')}",
+         "--config.model.max_len=512",
          "--config.model.positional=learned", "--config.data.seq_len=512", "--config.train.batch_size=16",
          "--config.train.steps_per_dispatch=1"]
 MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=2 x tensor=4": (2, 1, 4), "fsdp=4 x tensor=2": (1, 4, 2),
@@ -31,8 +33,10 @@ def compile_report(mesh: tuple[int, int, int], devices: int) -> dict:
         command = [sys.executable, "-m", "llm_jax.train", "--config=experiments/python_docs.py", f"--workdir={workdir}",
                    "--compile_only", *MODEL, f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
                    f"--config.mesh.tensor={tensor}"]
-        output = subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+        result = subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report["full_remat_warnings"] = result.stderr.count("Involuntary full rematerialization")
+    return report
 
 
 def main() -> None:
@@ -40,13 +44,15 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=8)
     args = parser.parse_args()
     mib = 2 ** 20
-    print("| mesh | parameters | params MiB/device | optimizer MiB/device | compiled args MiB | temp MiB | peak estimate MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| mesh | parameters | params MiB/device | optimizer MiB/device | compiled args MiB | temp MiB | "
+          "peak estimate MiB | full remat warnings |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, mesh in MESHES.items():
         r = compile_report(mesh, args.devices)
         print(f"| {name} | {r['parameters']:,} | {r['params_bytes_per_device'] / mib:.1f} | "
               f"{r['optimizer_bytes_per_device'] / mib:.1f} | {r['argument_bytes'] / mib:.1f} | "
-              f"{r['temp_bytes'] / mib:.1f} | {r['peak_bytes_estimate'] / mib:.1f} |", flush=True)
+              f"{r['temp_bytes'] / mib:.1f} | {r['peak_bytes_estimate'] / mib:.1f} | {r['full_remat_warnings']} |",
+              flush=True)
 
 
 if __name__ == "__main__":

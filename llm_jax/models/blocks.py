@@ -9,12 +9,12 @@ import flax.linen as nn
 import jax
 
 from llm_jax.models.attention import MultiHeadAttention
+from llm_jax.models.embeddings import ACTIVATION_AXES
 from llm_jax.models.mlp import MLPS
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.models.norms import NORMS
 from llm_jax.registry import Registry
 
-ACTIVATION_AXES = ("batch", "seq", "act_embed")
 
 
 @jax.custom_vjp

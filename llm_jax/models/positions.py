@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax.models.embeddings import lookup
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.registry import Registry
 
@@ -31,7 +32,7 @@ class LearnedPositions(nn.Module):
             "embedding",
             nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("positions", "embed")),
             (cfg.max_len, cfg.d_model), cfg.param_dtype)
-        return jnp.take(table_LD, positions_BT, axis=0).astype(cfg.dtype)
+        return lookup(table_LD, positions_BT, cfg.dtype)
 
 
 class SinusoidalPositions(nn.Module):

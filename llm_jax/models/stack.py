@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.blocks import ACTIVATION_AXES, Block
-from llm_jax.models.embeddings import TokenEmbedding, TokenTypeEmbedding
+from llm_jax.models.blocks import Block
+from llm_jax.models.embeddings import ACTIVATION_AXES, TokenEmbedding, TokenTypeEmbedding
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.models.norms import NORMS
 from llm_jax.models.positions import POSITIONALS
