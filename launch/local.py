@@ -3,13 +3,15 @@
     python -m launch.local --num_processes=2 --devices_per_process=2 -- \\
         --config=experiments/python_docs.py:quick --workdir=runs/two_processes --config.mesh.data=4
 
-Process I runs `python -m llm_jax.train ARGS --coordinator_address=127.0.0.1:PORT --num_processes=N
---process_id=I` with XLA_FLAGS=--xla_force_host_platform_device_count=M and JAX_PLATFORMS=cpu, so the
-sharding and collectives of a multi-host job can be exercised on one CPU. (With one process no
-coordinator is started: that is a plain single-process run with M devices.) Process 0's output goes to
-stderr; the others' is prefixed with "[process I] ", or written to --log_dir/process_I.log. When any
-process fails the launcher names it, shows the end of its output, stops the rest and exits non-zero;
-SIGINT/SIGTERM are forwarded to every process (the trainer checkpoints and stops; a second signal kills).
+Process I runs `python -m llm_jax.train ARGS --coordinator_address=127.0.0.1:PORT
+--coordinator_bind_address=127.0.0.1:PORT --num_processes=N --process_id=I` with
+XLA_FLAGS=--xla_force_host_platform_device_count=M and JAX_PLATFORMS=cpu, so the sharding and collectives
+of a multi-host job can be exercised on one CPU. Process 0's coordinator (unauthenticated) listens on
+loopback only, not on JAX's default of every interface. (With one process no coordinator is started:
+that is a plain single-process run with M devices.) Process 0's output goes to stderr; the others' is
+prefixed with "[process I] ", or written to --log_dir/process_I.log. When any process fails the launcher
+names it, shows the end of its output, stops the rest and exits non-zero; SIGINT/SIGTERM are forwarded to
+every process (the trainer checkpoints and stops; a second signal kills).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from typing import Callable, Mapping, Sequence
 
 from absl import app, flags
 
-from launch.processes import LineSink, Timeouts, check_train_args, free_port, log, run_group
+from launch.processes import DISTRIBUTED_FLAGS, LineSink, Timeouts, check_train_args, free_port, log, run_group
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # the coordinator's address and the only interface it listens on
+LAUNCHER_FLAGS = (*DISTRIBUTED_FLAGS, "coordinator_bind_address")
 
 
 def define_flags() -> None:
@@ -54,11 +57,14 @@ def process_env(base: Mapping[str, str], devices_per_process: int) -> dict[str, 
 
 
 def train_command(train_args: Sequence[str], num_processes: int, process_id: int, port: int) -> list[str]:
-    """`python -m llm_jax.train ARGS` plus the coordinator flags of one process (none for a 1-process job)."""
+    """`python -m llm_jax.train ARGS` plus the coordinator flags of one process (none for a 1-process job).
+
+    The coordinator is bound to loopback: every process is local, so no other machine needs to reach it.
+    """
     command = [sys.executable, "-m", "llm_jax.train", *train_args]
     if num_processes > 1:
-        command += [f"--coordinator_address={HOST}:{port}", f"--num_processes={num_processes}",
-                    f"--process_id={process_id}"]
+        command += [f"--coordinator_address={HOST}:{port}", f"--coordinator_bind_address={HOST}:{port}",
+                    f"--num_processes={num_processes}", f"--process_id={process_id}"]
     return command
 
 
@@ -94,7 +100,7 @@ def launch(train_args: list[str], num_processes: int, devices_per_process: int, 
     `env` is the base environment of the processes (default: this process's); `on_start` receives the
     processes' pids once all have started.
     """
-    check_train_args(train_args)
+    check_train_args(train_args, LAUNCHER_FLAGS)
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError(f"num_processes={num_processes} and devices_per_process={devices_per_process} must be >= 1")
     port = port or free_port()
@@ -103,7 +109,7 @@ def launch(train_args: list[str], num_processes: int, devices_per_process: int, 
     child_env = process_env(os.environ if env is None else env, devices_per_process)
     commands = [train_command(train_args, num_processes, index, port) for index in range(num_processes)]
     log(f"starting {num_processes} x llm_jax.train with {devices_per_process} CPU devices each"
-        + (f", coordinator {HOST}:{port}" if num_processes > 1 else ""))
+        + (f", coordinator {HOST}:{port} (loopback only)" if num_processes > 1 else ""))
     status = run_group(commands, [child_env] * num_processes, make_sinks(num_processes, log_dir), cwd=cwd,
                        timeouts=timeouts, on_start=_pid_file_writer(log_dir, on_start))
     log("all processes finished" if status == 0 else f"job failed with exit status {status}")

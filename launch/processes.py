@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable, Mapping, Sequence, TextIO
 
-DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id")
+DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id")  # JAX finds these on TPU pods and SLURM
 TAIL_LINES = 40
 POLL_SECONDS = 0.1
 
@@ -28,23 +28,25 @@ POLL_SECONDS = 0.1
 def free_port(host: str = "") -> int:
     """A TCP port nobody listens on right now (the kernel picks it when binding to port 0).
 
-    The default host is every interface, as the JAX coordinator binds its port on all of them.
+    The default host is every interface, so the port is free both for a coordinator bound to loopback
+    (launch.local) and for one bound to every interface (JAX's default).
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-def check_train_args(train_args: Sequence[str]) -> None:
-    """Rejects an empty llm_jax.train argument list, and the process flags launchers set themselves."""
+def check_train_args(train_args: Sequence[str], launcher_flags: Sequence[str] = DISTRIBUTED_FLAGS) -> None:
+    """Rejects an empty llm_jax.train argument list, and the flags the launcher sets itself (`launcher_flags`;
+    the others, e.g. --coordinator_bind_address for TPU/SLURM, pass through)."""
     if not train_args:
         raise ValueError("no llm_jax.train arguments: give them after `--`, e.g. "
                          "-- --config=experiments/python_docs.py:quick --workdir=runs/local")
     for arg in train_args:
         name = arg.split("=", 1)[0].lstrip("-")
-        if arg.startswith("-") and name in DISTRIBUTED_FLAGS:
-            raise ValueError(f"--{name} is set by the launcher (or found by jax on TPU pods and SLURM); "
-                             "remove it from the train arguments")
+        if arg.startswith("-") and name in launcher_flags:
+            found = " (or found by jax on TPU pods and SLURM)" if name in DISTRIBUTED_FLAGS else ""
+            raise ValueError(f"--{name} is set by the launcher{found}; remove it from the train arguments")
 
 
 def describe_status(returncode: int) -> str:

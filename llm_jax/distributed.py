@@ -2,7 +2,8 @@
 
 On TPU pods and SLURM allocations `jax.distributed.initialize()` finds the coordinator itself; elsewhere
 (several local processes, hand-started hosts) the coordinator address, process count and id are given.
-CPU processes exchange data through gloo collectives.
+CPU processes exchange data through gloo collectives. Process 0's coordination service is unauthenticated:
+JAX binds it to every interface unless a bind address is given (launch.local gives loopback).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class DistributedOptions:
     initialization_timeout_s: int = 120  # an unreachable coordinator fails after this, never hangs
     heartbeat_timeout_s: int = 60  # a dead peer ends the job after this
     auto: bool = False  # call jax.distributed.initialize() and let JAX detect the cluster (Cloud TPU pods)
+    coordinator_bind_address: str | None = None  # HOST:PORT process 0's coordinator listens on; None = JAX's [::]:PORT
 
     @property
     def explicit(self) -> bool:
@@ -55,8 +57,20 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def check_bind_address(address: str) -> None:
+    """Rejects a bind address without a port (or with an unbracketed IPv6 host) early: JAX would abort
+    process 0 with a C++ trace instead."""
+    host, _, port = address.rpartition(":")
+    unbracketed_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+    if not host or not port.isdigit() or unbracketed_ipv6:
+        raise ConfigError(f"--coordinator_bind_address={address} must be HOST:PORT with the coordinator's port, "
+                          "e.g. 10.0.0.5:1234 or [::1]:1234")
+
+
 def initialize(options: DistributedOptions) -> None:
     """Initialises jax.distributed when the run spans several processes; a no-op for one process."""
+    if options.coordinator_bind_address is not None:
+        check_bind_address(options.coordinator_bind_address)
     if options.explicit:
         if options.num_processes is None or options.process_id is None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id as well")
@@ -70,6 +84,7 @@ def initialize(options: DistributedOptions) -> None:
     jax.distributed.initialize(
         coordinator_address=options.coordinator_address, num_processes=options.num_processes,
         process_id=options.process_id, initialization_timeout=options.initialization_timeout_s,
-        heartbeat_timeout_seconds=options.heartbeat_timeout_s)
+        heartbeat_timeout_seconds=options.heartbeat_timeout_s,
+        coordinator_bind_address=options.coordinator_bind_address)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())

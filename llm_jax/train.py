@@ -22,6 +22,9 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "compile the train step
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job (with --coordinator_address)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+_BIND_ADDRESS = flags.DEFINE_string("coordinator_bind_address", None, "HOST:PORT process 0's (unauthenticated) "
+                                    "coordinator listens on; default: every interface, [::]:PORT of the coordinator "
+                                    "address. launch.local uses 127.0.0.1:PORT")
 _JAX_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "call jax.distributed.initialize() with JAX's own "
                                      "cluster detection (Cloud TPU pod slices; SLURM is detected without it)")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume although keys that change the "
@@ -36,7 +39,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _run() -> None:
     distributed.initialize(distributed.DistributedOptions(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, initialization_timeout_s=_INIT_TIMEOUT.value,
-        heartbeat_timeout_s=_INIT_TIMEOUT.value, auto=_JAX_DISTRIBUTED.value))
+        heartbeat_timeout_s=_INIT_TIMEOUT.value, auto=_JAX_DISTRIBUTED.value,
+        coordinator_bind_address=_BIND_ADDRESS.value))
     import jax
     from llm_jax.workdir_lock import acquire_run_lock
 
