@@ -23,8 +23,25 @@ def encoder_config(**changes) -> ModelConfig:
     return ModelConfig(**{**values, **changes})
 
 
-def init(model, tokens_BT):
-    return nn.unbox(model.init(jax.random.key(0), tokens_BT)["params"])
+_PARAMS: dict = {}
+_APPLY: dict = {}
+
+
+def init(model):
+    """The parameters of `model`, initialised once per configuration and shared by the tests. They do not depend
+    on the input's shape, so every model is initialised on one (2, 12) batch: applying it eagerly to that shape
+    reuses the ops the initialisation compiled."""
+    if model.config not in _PARAMS:
+        _PARAMS[model.config] = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, 12), jnp.int32))["params"])
+    return _PARAMS[model.config]
+
+
+def jitted_apply(model):
+    """(params, *inputs) -> outputs, jitted once per configuration: a new input shape costs one compile of the
+    whole model instead of one per op, and the tests that feed the same shapes share it."""
+    if model.config not in _APPLY:
+        _APPLY[model.config] = jax.jit(lambda params, *inputs: model.apply({"params": params}, *inputs))
+    return _APPLY[model.config]
 
 
 def tokens(seed: int, shape=(2, 12)) -> jnp.ndarray:
@@ -37,7 +54,7 @@ def test_encoder_position_depends_on_later_tokens_and_decoder_does_not():
     tokens_BT = tokens(1)
     changed_BT = tokens_BT.at[:, 9].set((tokens_BT[:, 9] + 1) % VOCAB)
     for model, later_matters in ((encoder, True), (decoder, False)):
-        params = init(model, tokens_BT)
+        params = init(model)
         before = model.apply({"params": params}, tokens_BT).hidden_BTD
         after = model.apply({"params": params}, changed_BT).hidden_BTD
         differs = not np.allclose(before[:, :9], after[:, :9], atol=1e-6)
@@ -49,23 +66,24 @@ def test_padding_does_not_change_real_positions():
     real_BT = tokens(2, (1, 7))
     padded_BT = jnp.concatenate([real_BT, jnp.zeros((1, 5), jnp.int32)], axis=1)
     segments_BT = jnp.array([[1] * 7 + [0] * 5])
-    params = init(model, padded_BT)
-    alone = model.apply({"params": params}, real_BT)
-    padded = model.apply({"params": params}, padded_BT, None, segments_BT)
+    params, apply = init(model), jitted_apply(model)
+    alone = apply(params, real_BT)
+    padded = apply(params, padded_BT, None, segments_BT)
     np.testing.assert_allclose(padded.hidden_BTD[:, :7], alone.hidden_BTD, atol=1e-5)
     np.testing.assert_allclose(padded.pooled_BD, alone.pooled_BD, atol=1e-5)
     assert np.all(np.isfinite(np.asarray(padded.hidden_BTD)))
 
 
 def test_packed_segments_do_not_see_each_other():
-    model = build_model(encoder_config(heads=()))
-    first_BT, second_BT = tokens(3, (1, 5)), tokens(4, (1, 6))
+    # the model and the (1, 12) packed / (1, 7) alone shapes of the padding test: its compiled applies are reused
+    model = build_model(encoder_config())
+    first_BT, second_BT = tokens(3, (1, 5)), tokens(4, (1, 7))
     packed_BT = jnp.concatenate([first_BT, second_BT], axis=1)
-    segments_BT = jnp.array([[1] * 5 + [2] * 6])
-    params = init(model, packed_BT)
-    packed = model.apply({"params": params}, packed_BT, None, segments_BT).hidden_BTD
-    np.testing.assert_allclose(packed[:, :5], model.apply({"params": params}, first_BT).hidden_BTD, atol=1e-5)
-    np.testing.assert_allclose(packed[:, 5:], model.apply({"params": params}, second_BT).hidden_BTD, atol=1e-5)
+    segments_BT = jnp.array([[1] * 5 + [2] * 7])
+    params, apply = init(model), jitted_apply(model)
+    packed = apply(params, packed_BT, None, segments_BT).hidden_BTD
+    np.testing.assert_allclose(packed[:, :5], apply(params, first_BT).hidden_BTD, atol=1e-5)
+    np.testing.assert_allclose(packed[:, 5:], apply(params, second_BT).hidden_BTD, atol=1e-5)
 
 
 def test_attention_mask_rules():
@@ -79,7 +97,7 @@ def test_attention_mask_rules():
 def test_token_types_change_the_output_and_heads_have_their_shapes():
     model = build_model(encoder_config())
     tokens_BT = tokens(5)
-    params = init(model, tokens_BT)
+    params = init(model)
     assert {"token_type_embedding", "embedding_norm", "pooler", "mlm_head", "nsp_head"} <= set(params)
     assert "final_norm" not in params, "post-LN blocks end normalised"
     plain = model.apply({"params": params}, tokens_BT)
@@ -93,7 +111,7 @@ def test_post_ln_stream_is_normalised_and_pre_ln_is_not():
     tokens_BT = tokens(6)
     for position, normalised in (("post", True), ("pre", False)):
         model = build_model(encoder_config(norm_position=position, embedding_norm=False, heads=()))
-        params = init(model, tokens_BT)
+        params = init(model)
         # pre-LN ends with final_norm: read the stream before it through the last block's output
         hidden = model.apply({"params": params}, tokens_BT, capture_intermediates=True, mutable=["intermediates"])
         stream = hidden[1]["intermediates"]["block_1"]["__call__"][0]
@@ -105,7 +123,7 @@ def test_post_ln_stream_is_normalised_and_pre_ln_is_not():
 def test_classification_heads(classifier_head):
     model = build_model(encoder_config(heads=(classifier_head,), num_labels=3, crf=True))
     tokens_BT = tokens(7)
-    params = init(model, tokens_BT)
+    params = init(model)
     outputs = model.apply({"params": params}, tokens_BT)
     expected = (2, 3) if classifier_head == "classifier" else (2, 12, 3)
     assert outputs.heads[classifier_head].shape == expected
@@ -115,7 +133,7 @@ def test_classification_heads(classifier_head):
 def test_alibi_bias_hook_is_used_by_every_layer():
     model = build_model(encoder_config(positional="alibi", heads=()))
     tokens_BT = tokens(8)
-    params = init(model, tokens_BT)
+    params = init(model)
     assert "position_embedding" not in params
     shifted = jnp.roll(tokens_BT, 3, axis=1)
     out = model.apply({"params": params}, tokens_BT).hidden_BTD

@@ -4,6 +4,7 @@ unreachable coordinator fails instead of hanging, and the TPU / SLURM commands s
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import json
 import os
 import shlex
@@ -16,15 +17,15 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, needs, subprocess_env
 from launch import local, processes, slurm, tpu
 
 QUICK = ["--config=experiments/python_docs.py:quick", "--config.train.log_every=1",
          "--config.train.steps_per_dispatch=1", "--config.train.eval_every=0", "--config.train.eval_steps=1",
          "--config.train.checkpoint_every=0"]
+# The meshes of test_two_processes_train_like_one (its docstring says why these two cover the three kinds).
 MESHES = {
-    "data": ["--config.mesh.data=4"],
-    "fsdp": ["--config.mesh.data=1", "--config.mesh.fsdp=4"],
+    "fsdp_tensor": ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
     "tensor": ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=4", "--config.model.num_heads=4"],
 }
 SPACED_ARG = "--config.data.path=my corpus.txt"
@@ -45,7 +46,21 @@ def launcher_env() -> dict[str, str]:
 
 @pytest.mark.parametrize("mesh", sorted(MESHES))
 def test_two_processes_train_like_one(mesh, tmp_path):
-    """2 processes x 2 devices and 1 process x 4 devices log the same per-step train/loss on the same mesh."""
+    """2 processes x 2 devices and 1 process x 4 devices log the same per-step train/loss on the same mesh.
+
+    The devices are laid out process by process in (data, fsdp, tensor) order, so the process boundary splits
+    the outermost mesh axis larger than 1. Two meshes put every kind of parallelism across it:
+    - fsdp_tensor (fsdp=2 x tensor=2), the boundary on fsdp: each process loads its own half of the batch (rows
+      split over data x fsdp, as in a data-parallel run); the parameters are initialised on shards held by both
+      processes, all-gathered between them and their gradients reduce-scattered; replicated parameters (the
+      norm scales) get their gradients all-reduced between the processes as under data parallelism; tensor
+      parallelism runs inside each process.
+    - tensor (tensor=4), the boundary on tensor: every process loads the whole (replicated) batch and the
+      tensor-parallel collectives run between the processes.
+    A data-only mesh would add no path of its own (split batch rows and gradient all-reduces between processes
+    are in fsdp_tensor); its numerics are test_sharding's data8 step and 2-process data=2 runs are
+    test_two_process_grain_run_resumes_each_shard_exactly's.
+    """
     # the step-indexed windows sampler gives every process count the same global batches
     args = [*QUICK, "--config.data.pipeline=windows", "--config.train.steps=6", "--config.train.batch_size=8",
             *MESHES[mesh]]
@@ -67,7 +82,8 @@ def test_two_processes_train_like_one(mesh, tmp_path):
 def test_two_process_grain_run_resumes_each_shard_exactly(tmp_path):
     """Stopped at step 6 and resumed, a 2-process run on the Grain pipeline (each process its own document
     shard and iterator state) logs the losses of an uninterrupted run. decay_steps is fixed, so the two
-    schedules agree although the first leg asks for 6 steps."""
+    schedules agree although the first leg asks for 6 steps. One process then evaluates and samples the run
+    (its checkpoint holds two processes' iterator states, which neither command needs)."""
     args = [*QUICK, "--config.mesh.data=2", "--config.optimizer.decay_steps=12", "--config.train.checkpoint_every=6"]
 
     def run(workdir, steps: int) -> None:
@@ -83,6 +99,22 @@ def test_two_process_grain_run_resumes_each_shard_exactly(tmp_path):
     expected, resumed = train_losses(tmp_path / "uninterrupted"), train_losses(tmp_path / "resumed")
     assert [step for step, _ in resumed] == list(range(1, 13))
     assert resumed == expected
+
+    workdir = tmp_path / "resumed"
+    commands = {"evaluate": [f"--workdir={workdir}"], "generate": [f"--workdir={workdir}", "--max_new_tokens=5"]}
+    started = {name: subprocess.Popen([sys.executable, "-m", f"llm_jax.{name}", *flags], cwd=REPO_ROOT,
+                                      env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, flags in commands.items()}  # side by side: each mostly imports and compiles
+    try:
+        outputs = {name: process.communicate(timeout=240) for name, process in started.items()}
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+    for name, process in started.items():
+        assert process.returncode == 0, f"{name}: {outputs[name][1][-3000:]}"
+    assert json.loads(outputs["evaluate"][0].strip().splitlines()[-1])["step"] == 12
+    assert outputs["generate"][0].strip(), "generate printed no continuation"
 
 
 # ---- failures ----------------------------------------------------------------------------------------------
@@ -152,6 +184,49 @@ def test_unreachable_coordinator_fails_instead_of_hanging(tmp_path):
     assert result.returncode == 1, "a one-line error, not an abort"
     assert f"cannot reach the coordinator at --coordinator_address=127.0.0.1:{closed_port} within 5s" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _listening_addresses(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Local addresses of the TCP sockets listening on `port` (Linux /proc/net/tcp*; IPv4-mapped ones as IPv4)."""
+    found = []
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(path):  # tcp6 is absent where IPv6 is disabled
+            continue
+        with open(path) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                hex_host, hex_port = fields[1].split(":")
+                if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A = LISTEN
+                    continue
+                raw = bytes.fromhex(hex_host)  # 32-bit words in host byte order
+                if sys.byteorder == "little":
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                address = ipaddress.ip_address(raw)
+                found.append(getattr(address, "ipv4_mapped", None) or address)
+    return found
+
+
+def test_local_coordinator_listens_on_loopback_only(tmp_path):
+    """Process 0's unauthenticated coordinator is bound to loopback, not to JAX's default [::]:PORT (every
+    interface): no other machine can join or disturb a local job."""
+    needs(os.path.exists("/proc/net/tcp"), "the listening sockets are read from Linux's /proc/net/tcp")
+    port, logs, stderr_path = processes.free_port(), tmp_path / "logs", tmp_path / "launcher.err"
+    command = [sys.executable, "-m", "launch.local", "--num_processes=2", f"--port={port}", f"--log_dir={logs}",
+               "--timeout=60", "--", *QUICK, "--config.train.steps=100000", "--config.mesh.data=2",
+               f"--workdir={tmp_path / 'run'}"]
+    with open(stderr_path, "w") as stderr:
+        launcher = subprocess.Popen(command, cwd=REPO_ROOT, env=launcher_env(), stdout=subprocess.DEVNULL,
+                                    stderr=stderr)
+    try:  # process 0 listens once it reaches jax.distributed.initialize, before any compilation
+        _wait_for(lambda: _listening_addresses(port) or launcher.poll() is not None, 60, f"a listener on {port}")
+        addresses = _listening_addresses(port)
+    finally:
+        for pid in _pids(logs):
+            _kill_quietly(pid)
+        _kill_quietly(launcher.pid)
+        launcher.wait(timeout=10)
+    assert addresses, stderr_path.read_text()[-3000:]
+    assert all(address.is_loopback for address in addresses), f"coordinator listens on {addresses}"
 
 
 def _python(code: str) -> list[str]:

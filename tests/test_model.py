@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax.decoding.sampling import lm_logits
 from llm_jax.models.embeddings import TokenEmbedding
 from llm_jax.models.families import build_model
 from llm_jax.models.model_config import build_model_config, padded_vocab
@@ -24,8 +25,15 @@ def tiny_model(**changes):
     return build_model(build_model_config(config.model, VOCAB, ONE_DEVICE))
 
 
-def _init(model, tokens_BT):
-    return nn.unbox(model.init(jax.random.key(0), tokens_BT)["params"])
+_PARAMS: dict = {}
+
+
+def _init(model):
+    """The parameters of `model`, initialised once per configuration and shared by the tests (they do not depend on
+    the input's shape; every model is initialised on the same one, so its eagerly compiled ops are reused)."""
+    if model.config not in _PARAMS:
+        _PARAMS[model.config] = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, 16), jnp.int32))["params"])
+    return _PARAMS[model.config]
 
 
 def _apply_with_embedding_offset(model, params, tokens_BT, offset_BTD):
@@ -48,24 +56,33 @@ def _apply_with_embedding_offset(model, params, tokens_BT, offset_BTD):
     {"positional": "none", "use_bias": True, "tie_embeddings": False, "activation": "gelu_tanh"},
 ])
 def test_logits_at_t_do_not_depend_on_later_tokens(changes):
-    """Gradient test: d logits[t] / d input-embedding[s] is exactly zero for every s > t, non-zero for s <= t."""
+    """Gradient test: d logits[t] / d input-embedding[s] is exactly zero for every s > t, non-zero for s <= t.
+
+    One jitted reverse-mode Jacobian gives row t = the gradient of logits[:, t].sum() for every t at once (one
+    compile instead of op-by-op gradients per t), so every position is checked, not only a few."""
     model = tiny_model(**changes)
     tokens_BT = jax.random.randint(jax.random.key(1), (2, 16), 0, VOCAB)
-    params = _init(model, tokens_BT)
-    for t in (0, 5, 15):
-        def logits_sum(offset_BTD):
-            return _apply_with_embedding_offset(model, params, tokens_BT, offset_BTD)[:, t, :VOCAB].sum()
+    params = _init(model)
 
-        grad_BTD = jax.grad(logits_sum)(jnp.zeros((2, 16, 32)))
-        per_position_T = np.asarray(jnp.abs(grad_BTD).sum(axis=(0, 2)))
+    @jax.jit
+    def dependence_TS(params, tokens_BT):
+        def logits_T(offset_BTD):
+            return _apply_with_embedding_offset(model, params, tokens_BT, offset_BTD)[:, :, :VOCAB].sum(axis=(0, 2))
+
+        jacobian_TBSD = jax.jacrev(logits_T)(jnp.zeros((2, 16, 32)))
+        return jnp.abs(jacobian_TBSD).sum(axis=(1, 3))
+
+    dependence = np.asarray(dependence_TS(params, tokens_BT))
+    assert dependence.shape == (16, 16)
+    for t, per_position_T in enumerate(dependence):
         assert np.all(per_position_T[t + 1:] == 0.0), f"logits at {t} depend on later positions: {per_position_T}"
         assert np.all(per_position_T[: t + 1] > 0.0), f"logits at {t} ignore earlier positions: {per_position_T}"
 
 
 def test_padded_vocabulary_rows_get_zero_probability():
     model = tiny_model()
-    tokens_BT = jnp.zeros((1, 8), jnp.int32)
-    params = _init(model, tokens_BT)
+    tokens_BT = jnp.zeros((2, 16), jnp.int32)  # the shape _init ran the model on: its eager ops are compiled
+    params = _init(model)
     assert params["token_embedding"]["embedding"].shape[0] == 128
     probs_BTV = jax.nn.softmax(model.apply({"params": params}, tokens_BT).heads["lm"])
     assert np.all(np.asarray(probs_BTV[..., VOCAB:]) == 0.0)
@@ -80,7 +97,7 @@ def test_padded_vocab_divides_every_mesh_axis():
 
 def test_grouped_query_attention_has_fewer_kv_parameters():
     model = tiny_model(num_kv_heads=1)
-    params = _init(model, jnp.zeros((1, 4), jnp.int32))
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
     attention = params["block_0"]["attention"]
     assert attention["query"]["kernel"].shape == (32, 4, 8)
     assert attention["key"]["kernel"].shape == (32, 1, 8)
@@ -98,8 +115,8 @@ def test_hand_written_norm_gradient_matches_autodiff(center):
     x = jax.random.normal(jax.random.key(0), (3, 5, 16)) * 3 + 1
     scale = jax.random.normal(jax.random.key(1), (16,))
     weights = jax.random.normal(jax.random.key(2), (3, 5, 16))
-    ours = jax.grad(lambda x, s: (normalize(x, s, 1e-5, center) * weights).sum(), argnums=(0, 1))(x, scale)
-    theirs = jax.grad(lambda x, s: (reference(x, s) * weights).sum(), argnums=(0, 1))(x, scale)
+    ours = jax.jit(jax.grad(lambda x, s: (normalize(x, s, 1e-5, center) * weights).sum(), argnums=(0, 1)))(x, scale)
+    theirs = jax.jit(jax.grad(lambda x, s: (reference(x, s) * weights).sum(), argnums=(0, 1)))(x, scale)
     np.testing.assert_allclose(normalize(x, scale, 1e-5, center), reference(x, scale), rtol=1e-5, atol=1e-6)
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -113,7 +130,8 @@ def test_positions_restart_per_segment_when_only_segment_ids_are_given():
                                   [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))])
     model = tiny_model(positional="learned")
     tokens_BT = jax.random.randint(jax.random.key(3), (1, 8), 0, VOCAB)
-    params = _init(model, tokens_BT)
-    packed = model.apply({"params": params}, tokens_BT, None, segments_BT[:1]).heads["lm"]
-    alone = model.apply({"params": params}, tokens_BT[:, 3:5]).heads["lm"]
+    params = _init(model)
+    logits = jax.jit(lm_logits(model))  # one compile per shape instead of one per op and shape
+    packed = logits({"params": params}, tokens_BT, None, segments_BT[:1])
+    alone = logits({"params": params}, tokens_BT[:, 3:5])
     np.testing.assert_allclose(packed[:, 3:5], alone, rtol=1e-5, atol=1e-5)

@@ -266,61 +266,78 @@ def test_batch_stacks_and_handles_remainder():
 # ----------------------------------------------------------------------------- model-level property
 
 
+BATCH = 16  # every model call below runs on [BATCH, SEQ_LEN]: one compile per positional scheme and signature
+SEQ_LEN = 32
+_MODELS: dict = {}
+
+
 def _tiny_model(positional: str):
-    config = config_lib.default_config()
-    config.model.update(num_layers=2, d_model=32, num_heads=4, max_len=32, positional=positional)
-    return build_model(build_model_config(config.model, VOCAB, ONE_DEVICE))
+    """(params, jitted logits function) of a tiny decoder, built and initialised once per positional scheme."""
+    if positional not in _MODELS:
+        config = config_lib.default_config()
+        config.model.update(num_layers=2, d_model=32, num_heads=4, max_len=SEQ_LEN, positional=positional)
+        model = build_model(build_model_config(config.model, VOCAB, ONE_DEVICE))
+        params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"])
+        _MODELS[positional] = params, jax.jit(lm_logits(model))
+    return _MODELS[positional]
+
+
+def _logits(apply, params, *inputs_BT) -> np.ndarray:
+    """The real-vocabulary logits of rows [N, SEQ_LEN] (tokens, then optional positions and segment ids), computed
+    in one batch of BATCH rows (the first row repeats to fill it; rows never see each other)."""
+    rows = len(inputs_BT[0])
+    assert rows <= BATCH
+    filled = [jnp.asarray(np.concatenate([x, np.repeat(x[:1], BATCH - rows, axis=0)])) for x in inputs_BT]
+    return np.asarray(apply({"params": params}, *filled))[:rows, :, :VOCAB]
+
+
+def _alone(apply, params, examples: list[np.ndarray]) -> list[np.ndarray]:
+    """Each example's logits alone: its tokens at the start of a row of their own, default positions, no segment
+    ids. The rest of the row is EOS padding, which the causal model cannot see from the example's positions
+    (test_model checks causality for every positional scheme), so one [BATCH, SEQ_LEN] call serves all lengths."""
+    rows = np.full((len(examples), SEQ_LEN), EOS, np.int32)
+    for index, tokens in enumerate(examples):
+        rows[index, :len(tokens)] = tokens
+    logits = _logits(apply, params, rows)
+    return [logits[index, :len(tokens)] for index, tokens in enumerate(examples)]
 
 
 @pytest.mark.parametrize("positional", ["rope", "learned"])
 def test_packed_row_logits_equal_each_example_alone(positional):
-    seq_len = 32
-    model = _tiny_model(positional)
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"])
-    apply = jax.jit(lm_logits(model))
+    params, apply = _tiny_model(positional)
 
     examples = [packing.lm_example(doc, EOS) for doc in _docs(4, 10, 14)]
-    rows = list(packing.first_fit_pack(examples, seq_len, max_pending=2))
+    rows = list(packing.first_fit_pack(examples, SEQ_LEN, max_pending=2))
     packed = next(packing.batch(rows, len(rows), drop_remainder=False))
-    logits = apply({"params": params}, jnp.asarray(packed["inputs"]), jnp.asarray(packed["positions"]),
-                   jnp.asarray(packed["segment_ids"]))
-    assert logits.shape[:2] == (len(rows), seq_len)
+    logits = _logits(apply, params, packed["inputs"], packed["positions"], packed["segment_ids"])
+    assert logits.shape[:2] == (len(rows), SEQ_LEN)
     assert max(r["segment_ids"].max() for r in rows) >= 2  # rows really hold several examples
 
-    checked = 0
-    for b, row in enumerate(rows):
-        for s in range(1, row["segment_ids"].max() + 1):
-            in_seg = row["segment_ids"] == s
-            tokens = row["inputs"][in_seg][None, :]
-            alone = apply({"params": params}, jnp.asarray(tokens))  # default positions, no segments
-            np.testing.assert_allclose(np.asarray(logits[b][in_seg][:, :VOCAB]), np.asarray(alone[0, :, :VOCAB]),
-                                       rtol=1e-5, atol=1e-5)
-            checked += 1
-    assert checked == len(examples)
+    segments = [(b, s) for b, row in enumerate(rows) for s in range(1, row["segment_ids"].max() + 1)]
+    alone = _alone(apply, params, [rows[b]["inputs"][rows[b]["segment_ids"] == s] for b, s in segments])
+    for (b, s), alone_TV in zip(segments, alone):
+        np.testing.assert_allclose(logits[b][rows[b]["segment_ids"] == s], alone_TV, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{positional}: row {b}, segment {s}")
+    assert len(segments) == len(examples)
 
     # concat_and_split rows with segments satisfy the same property (documents split across rows too).
     docs = _docs(5, 6, 20)
-    split_rows = list(packing.concat_and_split(docs, seq_len, EOS, with_segments=True))
+    split_rows = list(packing.concat_and_split(docs, SEQ_LEN, EOS, with_segments=True))
     row = split_rows[0]
     assert row["segment_ids"].max() >= 2
-    logits = apply({"params": params}, jnp.asarray(row["inputs"][None]), jnp.asarray(row["positions"][None]),
-                   jnp.asarray(row["segment_ids"][None]))
-    for s in range(1, row["segment_ids"].max() + 1):
-        in_seg = row["segment_ids"] == s
-        alone = apply({"params": params}, jnp.asarray(row["inputs"][in_seg][None]))
-        np.testing.assert_allclose(np.asarray(logits[0][in_seg][:, :VOCAB]), np.asarray(alone[0, :, :VOCAB]),
-                                   rtol=1e-5, atol=1e-5)
+    logits = _logits(apply, params, row["inputs"][None], row["positions"][None], row["segment_ids"][None])
+    ids = range(1, row["segment_ids"].max() + 1)
+    alone = _alone(apply, params, [row["inputs"][row["segment_ids"] == s] for s in ids])
+    for s, alone_TV in zip(ids, alone):
+        np.testing.assert_allclose(logits[0][row["segment_ids"] == s], alone_TV, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{positional}: concat_and_split segment {s}")
 
 
 def test_without_segments_a_packed_row_leaks_across_examples():
     """Sanity check of the test above: dropping segment_ids does change later segments' logits."""
-    seq_len = 32
-    model = _tiny_model("rope")
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"])
-    rows = list(packing.first_fit_pack([_ex(10, 1), _ex(10, 20)], seq_len))
+    params, apply = _tiny_model("rope")
+    rows = list(packing.first_fit_pack([_ex(10, 1), _ex(10, 20)], SEQ_LEN))
     row = rows[0]
-    logits = model.apply({"params": params}, jnp.asarray(row["inputs"][None]),
-                         jnp.asarray(row["positions"][None])).heads["lm"]
-    alone = model.apply({"params": params}, jnp.asarray(row["inputs"][row["segment_ids"] == 2][None])).heads["lm"]
-    assert not np.allclose(np.asarray(logits[0][row["segment_ids"] == 2][:, :VOCAB]),
-                           np.asarray(alone[0, :, :VOCAB]), atol=1e-4)
+    logits = _logits(apply, params, row["inputs"][None], row["positions"][None])
+    [alone] = _alone(apply, params, [row["inputs"][row["segment_ids"] == 2]])
+    assert not np.allclose(logits[0][row["segment_ids"] == 2], alone, atol=1e-4)
