@@ -18,6 +18,7 @@ import numpy as np
 
 from llm_jax.config import ConfigError, default_config
 from llm_jax.errors import UserError
+from llm_jax.data.punctuation import read_utf8_text
 from llm_jax.data.sources import local_record_text
 from llm_jax.data.tokenizers import special_ids
 
@@ -128,14 +129,10 @@ def training_text(*, data_dir: str | None = None, name: str | None = None, text_
     if text_file:
         if not os.path.isfile(text_file):
             raise CommandError(f"--text_file={text_file}: no such file (working directory {os.getcwd()})")
-        with open(text_file, "rb") as f:
-            data = f.read()
         try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            line = data.count(b"\n", 0, error.start) + 1
-            raise CommandError(f"--text_file={text_file}:{line}: invalid UTF-8 at byte offset {error.start} "
-                               f"({error.reason}); give a UTF-8 text file") from None
+            return read_utf8_text(text_file)
+        except ValueError as error:
+            raise CommandError(f"--text_file={error}; give a UTF-8 text file") from None
     if not (data_dir and name):
         raise CommandError("give the training text: --data_dir and --name of a prepared dataset, or --text_file")
     return "\n".join(local_record_text(r) for r in _records(data_dir, name, "train"))

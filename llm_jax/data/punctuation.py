@@ -45,7 +45,7 @@ def conll_sentences(text: str, words_per_example: int) -> Iterator[list[tuple[st
             start = stop
 
 
-def _read_text(path: str) -> str:
+def read_utf8_text(path: str) -> str:
     """The UTF-8 text of `path`; invalid UTF-8 is a ValueError naming the file, line and byte offset."""
     with open(path, "rb") as f:
         data = f.read()
@@ -59,7 +59,7 @@ def _read_text(path: str) -> str:
 def derive_conll(source_path: str, directory: str, words_per_example: int = 48) -> str:
     """Writes the CoNLL file of `source_path` into `directory` once (named by a hash of the text and the
     settings) and returns its path."""
-    text = _read_text(source_path)
+    text = read_utf8_text(source_path)
     digest = hashlib.sha256(f"{words_per_example}\n{text}".encode("utf-8")).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(source_path))[0]
     path = os.path.join(directory, f"{stem}-{digest}.conll")
