@@ -234,8 +234,13 @@ def _python(code: str) -> list[str]:
 
 
 def test_group_stops_everyone_when_one_fails_and_shows_its_output(tmp_path, capsys):
-    commands = [_python("import time; print('zero up', flush=True); time.sleep(60)"),
-                _python("import sys; print('one says goodbye', flush=True); sys.exit(3)")]
+    # Process 1 fails only once process 0 has printed, so the group sees both outputs on any machine.
+    ready = tmp_path / "zero_printed"
+    commands = [_python(f"import pathlib, time; print('zero up', flush=True); "
+                        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"),
+                _python(f"import pathlib, sys, time\n"
+                        f"while not pathlib.Path({str(ready)!r}).exists(): time.sleep(0.01)\n"
+                        f"print('one says goodbye', flush=True); sys.exit(3)")]
     start = time.monotonic()
     status = processes.run_group(commands, [subprocess_env()] * 2, local.make_sinks(2, None),
                                  timeouts=processes.Timeouts(grace=5, total=60))
