@@ -130,7 +130,7 @@ def test_a_dataset_prepared_with_a_relative_data_dir_is_found_from_any_directory
     ok("train-tokenizer", "--data_dir=../here/data", "--name=c", "--tokenizer=byte", "--output_dir=tok", cwd=elsewhere)
     out = ok("inspect", f"--data_dir={here / 'data'}", "--name=c", "--tokenizer_dir=tok", "--seq_len=64",
              cwd=elsewhere)
-    assert 'segment 1: tokens 0-13, positions 0-13: "first paragrap' in out, out
+    assert 'segment 1: tokens 0-14, positions 0-14: "first paragraph"' in out, out
 
 
 def test_a_failed_prepare_leaves_no_dataset_directory_and_a_later_one_works(tmp_path):

@@ -13,8 +13,8 @@ import pytest
 
 from llm_jax import config as config_lib
 from llm_jax.errors import ConfigError
-from llm_jax.data.packing import segment_positions
 from llm_jax.data.pipeline import build_data
+from reference_packing import segment_positions
 
 SEQ_LEN, BATCH = 16, 4
 NUM_DOCS = 60

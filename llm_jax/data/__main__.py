@@ -4,7 +4,8 @@
         --data_dir=data --name=corpus [--validation_paths=held_out.txt]
     python -m llm_jax.data train-tokenizer --data_dir=data --name=corpus --tokenizer=sentencepiece \\
         --vocab_size=8192 --output_dir=tokenizers/corpus          # or --text_file=corpus.txt
-    python -m llm_jax.data inspect --data_dir=data --name=corpus --tokenizer_dir=tokenizers/corpus --seq_len=128
+    python -m llm_jax.data inspect --data_dir=data --name=corpus --tokenizer_dir=tokenizers/corpus --seq_len=128 \\
+        [--packing=first_fit]                                   # packed as training packs them
     python -m llm_jax.data stats --data_dir=data --name=corpus [--tokenizer_dir=tokenizers/corpus]
     python -m llm_jax.data inspect --config=experiments/wikitext2.py   # the rows training would see
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from llm_jax.cli import define_experiment_flag, quiet_library_logs, run_reporting_errors
+from llm_jax.config import default_config
 from llm_jax.data import cli
 
 # where the dataset lives (every command)
@@ -49,6 +51,8 @@ _SAMPLE = flags.DEFINE_string("sample", None, "train-tokenizer: text to show enc
 # inspect and stats
 _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "inspect, stats: a saved tokenizer directory")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "inspect: packed row length")
+_PACKING = flags.DEFINE_string("packing", default_config().data.packing,
+                               "inspect: how documents fill rows (data.packing: concat_split or first_fit)")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 2, "inspect: packed rows to show")
 _SPLIT = flags.DEFINE_string("split", "train", "inspect: the split to read")
 _MAX_CHARS = flags.DEFINE_integer("max_chars", 60, "inspect: characters of each segment's text to show")
@@ -87,7 +91,7 @@ def _run(command: str) -> None:
         _require(data_dir=_DATA_DIR.value, name=_NAME.value, tokenizer_dir=_TOKENIZER_DIR.value)
         lines = cli.inspect(
             data_dir=_DATA_DIR.value, name=_NAME.value, tokenizer_dir=_TOKENIZER_DIR.value, seq_len=_SEQ_LEN.value,
-            num_examples=_NUM_EXAMPLES.value, split=_SPLIT.value, max_chars=_MAX_CHARS.value)
+            packing=_PACKING.value, num_examples=_NUM_EXAMPLES.value, split=_SPLIT.value, max_chars=_MAX_CHARS.value)
     else:
         _require(data_dir=_DATA_DIR.value, name=_NAME.value)
         lines = cli.stats(data_dir=_DATA_DIR.value, name=_NAME.value, tokenizer_dir=_TOKENIZER_DIR.value)

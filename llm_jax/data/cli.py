@@ -181,32 +181,34 @@ def train_tokenizer(*, tokenizer: str, output_dir: str, vocab_size: int | None =
 # ----------------------------------------------------------------------------- inspect
 
 
-def inspect(*, data_dir: str, name: str, tokenizer_dir: str, seq_len: int, num_examples: int = 2,
-            split: str = "train", max_chars: int = 60) -> list[str]:
-    """`num_examples` rows of first-fit packed documents, one line per segment (id, positions, text)."""
-    from llm_jax.data.packing import first_fit_pack, lm_example
+def inspect(*, data_dir: str, name: str, tokenizer_dir: str, seq_len: int, packing: str = "concat_split",
+            num_examples: int = 2, split: str = "train", max_chars: int = 60) -> list[str]:
+    """`num_examples` rows of a prepared dataset packed as training packs them (the `data.packing` packer and
+    next-token rows with segment ids of the Grain pipeline), one line per segment (id, positions, text)."""
+    import grain
+
+    from llm_jax.data.objectives import NextTokenRows, Tokenize
+    from llm_jax.data.packing import PACKINGS
 
     if seq_len < 2:
         raise CommandError(f"--seq_len={seq_len}: give at least 2")
     if num_examples < 1:
         raise CommandError(f"--num_examples={num_examples}: give at least 1")
+    if packing not in PACKINGS:
+        raise CommandError(f"--packing={packing!r}: choose one of {', '.join(PACKINGS.names())}")
     tokenizer = _load_tokenizer(tokenizer_dir)
     records = _records(data_dir, name, split)
+    data = default_config().data
+    data.update(packing=packing, seq_len=seq_len)
+    documents = (grain.MapDataset.source(records).map(lambda record: {"document": local_record_text(record)})
+                 .map(Tokenize(tokenizer)).to_iter_dataset())
+    rows = PACKINGS.get(packing)(documents, seq_len + 1, data).map(NextTokenRows(separate_documents=True))
     eos_id = special_ids(tokenizer).get("eos")
-
-    def examples() -> Iterator[dict[str, np.ndarray]]:
-        for record in records:
-            yield lm_example(tokenizer.encode(local_record_text(record)), eos_id)
-
-    stats: dict[str, int] = {}
     lines = [f"dataset {name!r} split {split!r}: {len(records)} documents; tokenizer {tokenizer.kind} "
-             f"(vocab {tokenizer.vocab_size}); first-fit packed into rows of seq_len={seq_len}"
-             + ("" if eos_id is None else f"; eos id {eos_id} appended to each document")]
-    for index, row in enumerate(first_fit_pack(examples(), seq_len, stats=stats)):
-        if index == num_examples:
-            break
+             f"(vocab {tokenizer.vocab_size}); packing={packing!r} into rows of seq_len={seq_len} as training "
+             f"packs them" + ("" if eos_id is None else f"; eos id {eos_id} appended to each document")]
+    for index, row in zip(range(num_examples), rows):
         lines += _row_lines(index, row, tokenizer, max_chars)
-    lines.append(f"packing so far: {stats['examples']} documents, {stats['truncated']} cut to seq_len")
     return lines
 
 
