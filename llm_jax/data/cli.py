@@ -12,7 +12,7 @@ import json
 import os
 import statistics
 import sys
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
