@@ -29,6 +29,12 @@ class Key:
     free_on_resume: bool = False  # changes only the program or the schedule of work, not what is trained
 
     def registry_names(self) -> list[str]:
+        """The names registered in `registry`, imported only now, when a value is checked or documented.
+
+        A string and not the Registry object, because the dependency runs the other way: component modules
+        import this one (the tokenizers read its defaults), so importing them here would be a cycle, and this
+        module stays free of JAX, Flax and Grain (`import llm_jax.config` loads none of them) for flag parsing.
+        A misspelt path fails at once: generating docs/config.md (a test) resolves every key's registry."""
         module_name, attribute = self.registry.split(":")
         return getattr(importlib.import_module(module_name), attribute).names()
 
