@@ -1,6 +1,6 @@
 """BERT-style encoder presets: the architecture keys every BERT shares, and the published MiniLM weights.
 
-`apply_bert(config, "bert_mini")` sets model.family=encoder with post-LN blocks, learned positions, token
+`apply_bert(config, "mini")` sets model.family=encoder with post-LN blocks, learned positions, token
 types, an embedding norm and the pooler, then the size from `configs.model_sizes`.
 """
 

@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from configs.encoders import apply_bert
+from configs.presets import apply_presets, apply_smoke_run, parse_variant
 from llm_jax.config import default_config
 
 VARIANTS = ("quick", "sop", "wwm")
@@ -22,7 +23,8 @@ DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file_
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = apply_bert(default_config(), "bert_mini")
+    variant, presets = parse_variant(arg, "bert_wikitext2", VARIANTS)
+    config = apply_bert(default_config(), "mini")
     config.model.update(max_len=128, dropout=0.1)
     config.data.update(pipeline="grain", source="text_file", split_by="blank_line", objective="masked_lm",
                        path=os.path.join(DATA_DIR, "wikitext2_valid.txt"),
@@ -33,16 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         checkpoint_every=300, steps_per_dispatch=10)
     config.optimizer.update(learning_rate=1e-3, warmup_steps=60, min_learning_rate=1e-5, weight_decay=0.01,
                             b2=0.98, eps=1e-6)
-    if arg == "sop":
+    if variant == "sop":
         config.data.sentence_task = "sop"
-    elif arg == "wwm":
+    elif variant == "wwm":
         config.data.whole_word_masking = True
-    elif arg == "quick":
-        config.model.update(num_layers=2, d_model=64, num_heads=2, d_ff=128, max_len=32, dropout=0.0)
-        config.data.update(seq_len=32, tokenizer_vocab_size=1024)
-        config.train.update(steps=20, batch_size=8, log_every=10, eval_every=0, eval_steps=4, checkpoint_every=0,
-                            steps_per_dispatch=10)
-        config.optimizer.update(warmup_steps=5)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of bert_wikitext2; use no argument or one of {VARIANTS}")
-    return config
+    elif variant == "quick":
+        apply_smoke_run(config)
+    return apply_presets(config, presets)

@@ -19,6 +19,7 @@ import os
 import ml_collections
 
 from configs.encoders import apply_bert, minilm_vocab
+from configs.presets import apply_presets, parse_variant
 from llm_jax.config import default_config
 from llm_jax.data.punctuation import PUNCTUATION_LABELS
 
@@ -27,10 +28,9 @@ DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file_
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if arg not in (None, "", *VARIANTS):
-        raise ValueError(f"unknown variant {arg!r} of punctuation_minilm; use no argument or one of {VARIANTS}")
+    variant, presets = parse_variant(arg, "punctuation_minilm", VARIANTS)
     config = apply_bert(default_config(), "minilm_l6")
-    config.model.update(dropout=0.1, crf="softmax" not in (arg or ""))
+    config.model.update(dropout=0.1, crf="softmax" not in (variant or ""))
     config.data.update(pipeline="grain", source="punctuation", objective="token_classification",
                        labels=PUNCTUATION_LABELS, path=os.path.join(DATA_DIR, "wikitext2_valid.txt"),
                        eval_path=os.path.join(DATA_DIR, "wikitext2_test.txt"), eval_split="test",
@@ -41,9 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             schedule="linear", b2=0.999)
     if config.model.crf:  # the transition scores start at zero beside a pretrained encoder: let them move
         config.optimizer.lr_multipliers = (("crf/.*", 100.0),)
-    if arg and arg.startswith("quick"):
+    if variant and variant.startswith("quick"):
         config.data.seq_len = 32
         config.train.update(steps=4, batch_size=8, log_every=2, eval_every=0, eval_steps=2, checkpoint_every=0,
                             steps_per_dispatch=2)
         config.optimizer.update(warmup_steps=1)
-    return config
+    return apply_presets(config, presets)

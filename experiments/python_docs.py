@@ -15,26 +15,28 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs.model_sizes import apply_model_size
+from configs.presets import apply_presets, parse_variant
 from llm_jax.config import default_config
 
 VARIANTS = ("quick",)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = default_config()
-    config.model.update(num_layers=4, num_heads=4, d_model=128, max_len=128, positional="rope", norm="rmsnorm",
+    variant, presets = parse_variant(arg, "python_docs", VARIANTS)
+    config = apply_model_size(default_config(), "nano")
+    config.model.update(max_len=128, positional="rope", norm="rmsnorm",
                         activation="gelu", dropout=0.0, tie_embeddings=True)
     config.data.update(source="python_docs", pipeline="grain", tokenizer="sentencepiece",
                        sentencepiece_model_type="bpe", tokenizer_vocab_size=2048, seq_len=128)
     config.train.update(steps=1000, batch_size=16, log_every=100, eval_every=250, eval_steps=20,
                         checkpoint_every=500, steps_per_dispatch=10)
     config.optimizer.update(learning_rate=2e-3, warmup_steps=50, min_learning_rate=2e-4)
-    if arg == "quick":
-        config.model.update(num_layers=2, num_heads=2, d_model=32, max_len=32)
+    if variant == "quick":
+        apply_model_size(config, "pico")
+        config.model.max_len = 32
         config.data.update(seq_len=32, tokenizer_vocab_size=512)
         config.train.update(steps=40, batch_size=8, log_every=10, eval_every=20, eval_steps=4,
                             checkpoint_every=20, steps_per_dispatch=5)
         config.optimizer.update(warmup_steps=5)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of python_docs; use no argument or one of {VARIANTS}")
-    return config
+    return apply_presets(config, presets)

@@ -13,6 +13,8 @@ import os
 
 import ml_collections
 
+from configs.model_sizes import apply_model_size
+from configs.presets import apply_presets, parse_variant
 from llm_jax.config import default_config
 
 VARIANTS = ("quick", "grain")
@@ -20,8 +22,9 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "sha
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = default_config()
-    config.model.update(num_layers=4, num_heads=4, d_model=128, max_len=64, positional="learned",
+    variant, presets = parse_variant(arg, "shakespeare_char", VARIANTS)
+    config = apply_model_size(default_config(), "nano")
+    config.model.update(max_len=64, positional="learned",
                         norm="layernorm", activation="gelu", use_bias=False, dropout=0.0, tie_embeddings=True)
     # nanoGPT samples random windows of the whole token stream (90/10 split), not packed documents
     config.data.update(pipeline="windows", source="text_file", path=os.path.normpath(DATA), split_by="file",
@@ -30,16 +33,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         checkpoint_every=1000, steps_per_dispatch=20)
     config.optimizer.update(learning_rate=1e-3, schedule="cosine", warmup_steps=100, min_learning_rate=1e-4,
                             weight_decay=0.1, b1=0.9, b2=0.99, grad_clip_norm=1.0)
-    if arg == "quick":
-        config.model.update(num_layers=2, d_model=64, num_heads=2)
+    if variant == "quick":
+        apply_model_size(config, "tiny")
         config.train.update(steps=60, log_every=20, eval_every=30, eval_steps=4, checkpoint_every=30,
                             steps_per_dispatch=10)
         config.optimizer.update(warmup_steps=10)
-    elif arg == "grain":
+    elif variant == "grain":
         config.data.update(pipeline="grain", split_by="blank_line")
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of shakespeare_char; use no argument or one of {VARIANTS}")
-    return config
+    return apply_presets(config, presets)
 
 
 def get_sweep() -> list[dict]:

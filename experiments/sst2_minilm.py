@@ -18,6 +18,7 @@ import os
 import ml_collections
 
 from configs.encoders import apply_bert, minilm_vocab
+from configs.presets import apply_presets, parse_variant
 from llm_jax.config import default_config
 
 VARIANTS = ("quick",)
@@ -25,6 +26,7 @@ DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file_
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant, presets = parse_variant(arg, "sst2_minilm", VARIANTS)
     config = apply_bert(default_config(), "minilm_l6")
     config.model.update(dropout=0.1)
     config.data.update(pipeline="grain", source="tsv", objective="classification", text_columns=("sentence",),
@@ -36,11 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         eval_steps=-1, checkpoint_every=200, steps_per_dispatch=10)
     config.optimizer.update(learning_rate=1e-4, warmup_steps=60, min_learning_rate=0.0, weight_decay=0.01,
                             schedule="linear", b2=0.999)
-    if arg == "quick":
+    if variant == "quick":
         config.data.seq_len = 32
         config.train.update(steps=4, batch_size=8, log_every=2, eval_every=0, eval_steps=2, checkpoint_every=0,
                             steps_per_dispatch=2)
         config.optimizer.update(warmup_steps=1)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of sst2_minilm; use no argument or one of {VARIANTS}")
-    return config
+    return apply_presets(config, presets)

@@ -16,6 +16,8 @@ import os
 
 import ml_collections
 
+from configs.model_sizes import apply_model_size
+from configs.presets import apply_presets, apply_smoke_run, parse_variant
 from llm_jax.config import default_config
 
 VARIANTS = ("quick",)
@@ -23,8 +25,9 @@ DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file_
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = default_config()
-    config.model.update(num_layers=4, num_heads=4, d_model=256, max_len=128, positional="rope", norm="rmsnorm",
+    variant, presets = parse_variant(arg, "wikitext2", VARIANTS)
+    config = apply_model_size(default_config(), "mini")
+    config.model.update(max_len=128, positional="rope", norm="rmsnorm",
                         activation="gelu", dropout=0.2, tie_embeddings=True)
     config.data.update(pipeline="grain", source="text_file", split_by="blank_line",
                        path=os.path.join(DATA_DIR, "wikitext2_valid.txt"),
@@ -36,12 +39,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(steps=1000, batch_size=16, log_every=100, eval_every=250, eval_steps=-1,
                         checkpoint_every=500, steps_per_dispatch=10)
     config.optimizer.update(learning_rate=2e-3, warmup_steps=100, min_learning_rate=1e-4, weight_decay=0.1)
-    if arg == "quick":
-        config.model.update(num_layers=2, d_model=64, num_heads=2, max_len=32, dropout=0.0)
-        config.data.update(seq_len=32, tokenizer_vocab_size=1024)
-        config.train.update(steps=20, batch_size=8, log_every=10, eval_every=0, eval_steps=4, checkpoint_every=0,
-                            steps_per_dispatch=10)
-        config.optimizer.update(warmup_steps=5)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of wikitext2; use no argument or one of {VARIANTS}")
-    return config
+    if variant == "quick":
+        apply_smoke_run(config)
+    return apply_presets(config, presets)

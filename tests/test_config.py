@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
 
 import pytest
@@ -91,4 +92,26 @@ def test_presets_build_valid_configs():
     for mesh in MESHES:
         config = apply_mesh(config_lib.default_config(), mesh)
         config.train.batch_size = 16
-        config_lib.validate(config, num_devices=8)
+        sizes = MESHES.get(mesh).values()
+        config_lib.validate(config, num_devices=8 if -1 in sizes else math.prod(sizes))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda path: path.stem)
+def test_every_experiment_takes_size_and_mesh_presets_over_its_own_choices(path):
+    """`:VARIANT,size=NAME,mesh=NAME` on any experiment: the presets win, the variant still applies."""
+    from configs.meshes import MESHES
+    from configs.model_sizes import MODEL_SIZES
+
+    module = _load_experiment(path)
+    variant = module.VARIANTS[0]
+    plain = module.get_config(variant)
+    config = module.get_config(f"{variant},size=micro,mesh=fsdp_tensor")
+    assert {key: config.model[key] for key in MODEL_SIZES.get("micro")} == MODEL_SIZES.get("micro")
+    assert {key: config.mesh[key] for key in MESHES.get("fsdp_tensor")} == MESHES.get("fsdp_tensor")
+    assert config.train.to_dict() == plain.train.to_dict()  # the variant's own choices are kept
+    with pytest.raises(ValueError, match=r"unknown variant 'nope' of .*variants are: .*size=NAME"):
+        module.get_config("nope")
+    with pytest.raises(ValueError, match=r"size=huge: unknown model size 'huge'; choose one of .*gpt2_small"):
+        module.get_config("size=huge")
+    with pytest.raises(ValueError, match=r"unknown option 'sizes'"):
+        module.get_config("sizes=micro")

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from conftest import run_updates
+from configs.model_sizes import MODEL_SIZES, apply_model_size
 from llm_jax import config as config_lib
 from llm_jax.errors import ConfigError
 from llm_jax.models.families import build_model
@@ -20,7 +21,7 @@ from llm_jax.models.model_config import build_model_config
 from llm_jax.training.optimizer import (HEAD_PARAMS, build_optimizer, check_optimizer_config, frozen_mask,
                                         layer_scales, param_path, trainable_grad_norm)
 
-NUM_LAYERS = 2
+NUM_LAYERS = MODEL_SIZES.get("test")["num_layers"]
 ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
 
 
@@ -35,8 +36,8 @@ def _opt(**changes):
 def _model_shapes():
     """The tiny decoder's abstract parameter tree: embeddings, block_0, block_1, final_norm, output_head."""
     config = config_lib.default_config()
-    config.model.update(num_layers=NUM_LAYERS, num_heads=4, d_model=32, max_len=16, use_bias=True,
-                        tie_embeddings=False)
+    apply_model_size(config, "test")
+    config.model.update(max_len=16, use_bias=True, tie_embeddings=False)
     model = build_model(build_model_config(config.model, 20, ONE_DEVICE))
     return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])
 

@@ -205,7 +205,8 @@ def experiment_cases(files: _Files) -> Iterator[Case]:
         yield case(f"get_config returns {value}", files.write("returns.py", f"def get_config(arg=None):\n"
                                                                              f"    return {value}\n"))
     yield case("unknown variant", str(EXPERIMENT), ":no_such_variant")
-    end = source.rindex(b"return config") + len(b"return confi")  # every shorter prefix is broken
+    last = b"return apply_presets(config, presets)"
+    end = source.rindex(last) + len(last) - 1  # every shorter prefix is broken
     for _ in range(MUTANTS):
         cut = files.rng.randrange(end)
         yield case(f"python_docs.py cut at byte {cut}", files.write("cut.py", source[:cut]))

@@ -23,11 +23,9 @@ from launch import local, processes, slurm, tpu
 QUICK = ["--config=experiments/python_docs.py:quick", "--config.train.log_every=1",
          "--config.train.steps_per_dispatch=1", "--config.train.eval_every=0", "--config.train.eval_steps=1",
          "--config.train.checkpoint_every=0"]
-# The meshes of test_two_processes_train_like_one (its docstring says why these two cover the three kinds).
-MESHES = {
-    "fsdp_tensor": ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
-    "tensor": ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=4", "--config.model.num_heads=4"],
-}
+# The mesh presets (configs/meshes.py) of test_two_processes_train_like_one, on 4 devices: fsdp=2 x tensor=2 and
+# tensor=4 (its docstring says why these two cover the three kinds), with what each needs besides.
+MESHES = {"fsdp_tensor": [], "tensor": ["--config.model.num_heads=4"]}
 SPACED_ARG = "--config.data.path=my corpus.txt"
 
 
@@ -62,8 +60,8 @@ def test_two_processes_train_like_one(mesh, tmp_path):
     test_two_process_grain_run_resumes_each_shard_exactly's.
     """
     # the step-indexed windows sampler gives every process count the same global batches
-    args = [*QUICK, "--config.data.pipeline=windows", "--config.train.steps=6", "--config.train.batch_size=8",
-            *MESHES[mesh]]
+    args = [f"--config=experiments/python_docs.py:quick,mesh={mesh}", *QUICK[1:], "--config.data.pipeline=windows",
+            "--config.train.steps=6", "--config.train.batch_size=8", *MESHES[mesh]]
 
     def run(num_processes: int, devices: int) -> list[tuple[int, float]]:
         workdir, logs = tmp_path / f"{num_processes}x{devices}", tmp_path / f"logs_{num_processes}x{devices}"

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.model_sizes import apply_model_size
 from llm_jax import config as config_lib
 from llm_jax.decoding.sampling import lm_logits
 from llm_jax.models.embeddings import TokenEmbedding
@@ -20,7 +21,8 @@ ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
 
 def tiny_model(**changes):
     config = config_lib.default_config()
-    config.model.update(num_layers=2, num_heads=4, d_model=32, max_len=16)
+    apply_model_size(config, "test")
+    config.model.update(max_len=16)
     config.model.update(**changes)
     return build_model(build_model_config(config.model, VOCAB, ONE_DEVICE))
 

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from conftest import run_updates
+from configs.model_sizes import apply_model_size
 from llm_jax import config as config_lib
 from llm_jax.models.families import build_model
 from llm_jax.models.model_config import build_model_config
@@ -91,7 +92,8 @@ def _numpy_like(tree, seed, fill):
 @functools.cache
 def _param_shapes(use_bias=True):
     config = config_lib.default_config()
-    config.model.update(num_layers=2, num_heads=4, d_model=32, max_len=16, use_bias=use_bias, tie_embeddings=False)
+    apply_model_size(config, "test")
+    config.model.update(max_len=16, use_bias=use_bias, tie_embeddings=False)
     model = build_model(build_model_config(config.model, 20, ONE_DEVICE))
     return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.model_sizes import apply_model_size
 from llm_jax import config as config_lib
 from llm_jax.data.objectives import NextTokenRows
 from llm_jax.data.packing import PACKINGS
@@ -99,7 +100,8 @@ def _tiny_model(positional: str):
     """(params, jitted logits function) of a tiny decoder, built and initialised once per positional scheme."""
     if positional not in _MODELS:
         config = config_lib.default_config()
-        config.model.update(num_layers=2, d_model=32, num_heads=4, max_len=SEQ_LEN, positional=positional)
+        apply_model_size(config, "test")
+        config.model.update(max_len=SEQ_LEN, positional=positional)
         model = build_model(build_model_config(config.model, VOCAB, ONE_DEVICE))
         params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"])
         _MODELS[positional] = params, jax.jit(lm_logits(model))

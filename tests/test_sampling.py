@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.model_sizes import apply_model_size
 from llm_jax import config as config_lib
 from llm_jax.decoding.sampling import SamplingConfig, filter_logits, lm_logits, sample
 from llm_jax.models.families import build_model
@@ -84,7 +85,8 @@ def test_top_p_on_random_logits_matches_a_numpy_reference():
 @pytest.fixture(scope="module")
 def model_and_params():
     config = config_lib.default_config()
-    config.model.update(num_layers=2, num_heads=4, d_model=32, max_len=MAX_LEN)
+    apply_model_size(config, "test")
+    config.model.update(max_len=MAX_LEN)
     model = build_model(build_model_config(config.model, VOCAB, {"data": 1, "fsdp": 1, "tensor": 1}))
     shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, MAX_LEN), jnp.int32))["params"])
     # Random parameters from numpy (model.init's jax.random costs seconds of CPU compilation), with a

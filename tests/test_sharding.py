@@ -8,8 +8,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import needs
-from llm_jax import config as config_lib
 from configs.encoders import BERT_ARCHITECTURE
+from configs.meshes import apply_mesh
+from configs.model_sizes import apply_model_size
+from llm_jax import config as config_lib
 from llm_jax.errors import ConfigError
 from llm_jax.models.model_config import build_model_config
 from llm_jax.sharding import batch_shardings, global_batch, logical_rules, mesh_axes_of, vocab_shard_sizes
@@ -24,7 +26,8 @@ def _config(text_path, use_bias=False, **mesh):
     """Tiny GQA model with an untied head. Biases are off by default: the key bias has an exactly-zero
     gradient in theory, so Adam turns its rounding noise into updates no two layouts agree on."""
     config = config_lib.default_config()
-    config.model.update(num_layers=2, num_heads=4, num_kv_heads=2, d_model=32, max_len=16, use_bias=use_bias,
+    apply_model_size(config, "test")
+    config.model.update(num_kv_heads=2, max_len=16, use_bias=use_bias,
                         tie_embeddings=False)
     config.data.update(path=str(text_path), seq_len=16, pipeline="windows")
     config.train.update(batch_size=8, steps=10)
@@ -61,10 +64,10 @@ def text_file(tmp_path_factory):
 
 
 # The step tests train the model with biases (use_bias=True) so that one 8-device step serves two tests: the
-# data2_fsdp2_tensor2 step is compared with the 1-device step and its shardings are checked against the rules
+# data_fsdp_tensor step is compared with the 1-device step and its shardings are checked against the rules
 # (test_parameters_are_sharded_by_the_rules reads bias shardings). The key bias, whose gradient is exactly zero in
 # theory, is left out of the parameter comparison (see _config), as in the encoder test below.
-STEP_MESHES = {"data8": {"data": 8}, "fsdp8": {"fsdp": 8}, "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
+STEP_MESHES = ("data", "fsdp", "data_fsdp_tensor")  # presets of configs/meshes.py: data=8, fsdp=8, 2 x 2 x 2
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +84,14 @@ def sharded_step(text_file, tmp_path_factory):
 
     def step(name: str):
         if name not in steps:
-            steps[name] = _one_step(_config(text_file, use_bias=True, **STEP_MESHES[name]),
+            steps[name] = _one_step(apply_mesh(_config(text_file, use_bias=True), name),
                                     tmp_path_factory.mktemp(name), jax.devices())[1:]
         return steps[name]
 
     return step
 
 
-@pytest.mark.parametrize("mesh", list(STEP_MESHES))
+@pytest.mark.parametrize("mesh", STEP_MESHES)
 def test_sharded_step_matches_single_device(mesh, reference, sharded_step):
     ref_params, ref_metrics = reference
     state, metrics = sharded_step(mesh)
@@ -150,7 +153,7 @@ def test_sharded_encoder_step_matches_single_device(tmp_path):
 
 
 def test_parameters_are_sharded_by_the_rules(sharded_step):
-    state, _ = sharded_step("data2_fsdp2_tensor2")  # the step test_sharded_step_matches_single_device checks
+    state, _ = sharded_step("data_fsdp_tensor")  # the step test_sharded_step_matches_single_device checks
     params = state.params
     expect = {
         ("token_embedding", "embedding"): P("tensor", "fsdp"),

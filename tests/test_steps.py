@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs.model_sizes import apply_model_size
 from llm_jax import config as config_lib
 from llm_jax.models.families import build_model
 from llm_jax.sharding import batch_sharding
@@ -21,7 +22,8 @@ LR, MIN_LR, WARMUP = 1e-3, 1e-4, 2
 
 def _config(text_path):
     config = config_lib.default_config()
-    config.model.update(num_layers=2, num_heads=4, d_model=32, max_len=SEQ_LEN)
+    apply_model_size(config, "test")
+    config.model.update(max_len=SEQ_LEN)
     config.data.update(path=str(text_path), seq_len=SEQ_LEN, pipeline="windows")
     config.train.update(batch_size=BATCH, steps=CHUNK)
     config.optimizer.update(schedule="cosine", learning_rate=LR, min_learning_rate=MIN_LR, warmup_steps=WARMUP)
