@@ -34,6 +34,11 @@ import pytest  # noqa: E402
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="llm_jax_tfds_")
 atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 
+# CLI subprocesses share a JAX persistent compilation cache for this session: the many runs of the same quick
+# configs compile each program once. Not the test process itself, whose tests inspect what a compile prints.
+SUBPROCESS_COMPILE_CACHE = tempfile.mkdtemp(prefix="llm_jax_jax_cache_")
+atexit.register(shutil.rmtree, SUBPROCESS_COMPILE_CACHE, ignore_errors=True)
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
@@ -80,10 +85,12 @@ def shared_data_file(name: str) -> pathlib.Path:
 
 
 def subprocess_env() -> dict[str, str]:
-    """Environment for CLI subprocesses: one CPU device, the repo importable."""
+    """Environment for CLI subprocesses: one CPU device, the repo importable, the session's compilation cache."""
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", SUBPROCESS_COMPILE_CACHE)
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     return env
 
 
