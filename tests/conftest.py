@@ -16,8 +16,11 @@ import sys
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 os.environ["XLA_FLAGS"] = " ".join([*re.sub(rf"{DEVICE_COUNT_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", "")).split(),
                                     f"{DEVICE_COUNT_FLAG}=8"])
-GPU_ASKED = "--gpu" in sys.argv
-if not GPU_ASKED:
+# pytest-xdist workers (tests/pytest.ini runs two) see their own argv: the controller passes --gpu on by env
+GPU_ASKED = "--gpu" in sys.argv or os.environ.get("LLM_JAX_TESTS_GPU") == "1"
+if GPU_ASKED:
+    os.environ["LLM_JAX_TESTS_GPU"] = "1"
+else:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import atexit  # noqa: E402

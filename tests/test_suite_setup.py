@@ -25,7 +25,7 @@ def test_own_xla_flags_keep_the_8_device_tests_and_ci_fails_a_missing_requiremen
     env = {**subprocess_env(), "CI": "true",
            "XLA_FLAGS": "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2"}
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                                  "tests/test_checkpoint.py::test_missing_checkpoint_raises", str(probe)],
                                 cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     finally:
