@@ -29,3 +29,8 @@ class CheckpointError(UserError):
 
 class TrainingDivergedError(UserError, RuntimeError):
     """The loss or gradient became NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+def one_line(text: object) -> str:
+    """`text` with every run of whitespace (newlines included) as one space: messages end as one line."""
+    return " ".join(str(text).split())

@@ -14,7 +14,8 @@ import json
 from absl import app, flags, logging
 
 from llm_jax import distributed
-from llm_jax.cli import define_experiment_flag, quiet_library_logs, run_reporting_errors
+from llm_jax.cli import quiet_library_logs, run_reporting_errors
+from llm_jax.experiment_files import define_experiment_flag
 
 _CONFIG = define_experiment_flag("config", "experiment file, e.g. experiments/shakespeare_char.py[:arg]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: config.json, metrics, checkpoints")

@@ -36,7 +36,8 @@ import_or_fail("array_record")
 from launch import sweep  # noqa: E402
 from llm_jax import config as config_lib  # noqa: E402
 from llm_jax import convert  # noqa: E402
-from llm_jax.cli import check_saved_run, define_experiment_flag  # noqa: E402
+from llm_jax.cli import check_saved_run  # noqa: E402
+from llm_jax.experiment_files import define_experiment_flag  # noqa: E402
 from llm_jax.data.pipeline import build_data  # noqa: E402
 from llm_jax.data.tokenizers import TOKENIZER_FILE, load_tokenizer  # noqa: E402
 from llm_jax.errors import UserError  # noqa: E402

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from llm_jax.cli import define_experiment_flag, quiet_library_logs, run_reporting_errors
+from llm_jax.cli import quiet_library_logs, run_reporting_errors
+from llm_jax.experiment_files import define_experiment_flag
 from llm_jax.config import default_config
 from llm_jax.data import cli
 
