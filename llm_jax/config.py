@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from llm_jax.errors import ConfigError
+from llm_jax.errors import ConfigError, one_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,11 +366,7 @@ def _set_saved(config: ml_collections.ConfigDict, section: str, name: str, value
         config[section][name] = value
     except (TypeError, ValueError, IndexError, KeyError) as error:
         raise ConfigError(f"config key {section}.{name}={value!r} in saved config has the wrong type "
-                          f"({_one_line(error)})") from None
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+                          f"({one_line(error)})") from None
 
 
 def override(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, Any]]) -> ml_collections.ConfigDict:

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from absl import logging
 from etils import epath
 
-from llm_jax.errors import CheckpointError, ConfigError
+from llm_jax.errors import CheckpointError, ConfigError, one_line
 
 __all__ = ["Checkpointer", "committed_steps", "STATE_ITEM", "DATA_ITEM", "CHECKPOINTS_DIR", "CORRUPT_DIR"]
 
@@ -302,5 +302,5 @@ def _is_storage_error(error: BaseException) -> bool:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    text = one_line(error)
     return f"{type(error).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
