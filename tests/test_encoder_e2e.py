@@ -45,29 +45,12 @@ def flat(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A JAX persistent compilation cache for the runs of the resume and fine-tuning tests: the interrupted and
-    the resumed run are the uninterrupted run's programs on the same device, so they load the executables it
-    compiled (more than half of such a run's CPU time) instead of compiling them again; evaluate loads the
-    fine-tuning run's. What the runs compute and log is unchanged."""
-    return tmp_path_factory.mktemp("jax_compilation_cache")
-
-
-def cached_env(compile_cache) -> dict[str, str]:
-    return {**subprocess_env(), "JAX_COMPILATION_CACHE_DIR": str(compile_cache)}
-
-
-def run_cached(compile_cache, module: str, *args: str) -> subprocess.CompletedProcess:
-    """conftest.run_module with the compilation cache."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=cached_env(compile_cache),
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, compile_cache):
-    """An uninterrupted MLM + NSP run: the reference of the resume test and the source of the fine-tuning test."""
+def pretrained(tmp_path_factory):
+    """An uninterrupted MLM + NSP run: the reference of the resume test and the source of the fine-tuning test.
+    Its compiled programs land in the suite's compilation cache (conftest.subprocess_env), so the interrupted and
+    resumed runs and evaluate load them instead of compiling again."""
     workdir = tmp_path_factory.mktemp("mlm_uninterrupted")
-    result = run_cached(compile_cache, "llm_jax.train", *QUICK, *MLM, f"--workdir={workdir}", *RESUME_ARGS)
+    result = run_module("llm_jax.train", *QUICK, *MLM, f"--workdir={workdir}", *RESUME_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
@@ -75,7 +58,7 @@ def pretrained(tmp_path_factory, compile_cache):
 # ----------------------------------------------------------------------------- 1. exact resume of MLM + NSP
 
 
-def test_mlm_nsp_run_resumes_exactly_after_sigterm(pretrained, compile_cache, tmp_path):
+def test_mlm_nsp_run_resumes_exactly_after_sigterm(pretrained, tmp_path):
     uninterrupted = metrics(pretrained)
     assert [r["step"] for r in uninterrupted if "eval/mlm_loss" in r] == [30, 60]
     assert {"eval/mlm_accuracy", "eval/nsp_loss", "eval/nsp_accuracy", "eval/loss"} <= set(uninterrupted[-1])
@@ -84,7 +67,7 @@ def test_mlm_nsp_run_resumes_exactly_after_sigterm(pretrained, compile_cache, tm
 
     workdir = tmp_path / "interrupted"
     command = [sys.executable, "-m", "llm_jax.train", *QUICK, *MLM, f"--workdir={workdir}", *RESUME_ARGS]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=cached_env(compile_cache), stderr=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(), stderr=subprocess.PIPE,
                                text=True)
     seen = []
     for line in process.stderr:
@@ -98,7 +81,7 @@ def test_mlm_nsp_run_resumes_exactly_after_sigterm(pretrained, compile_cache, tm
     assert 10 <= stopped_at < 60, "the signal handler checkpoints at the next chunk boundary and stops"
     assert f"checkpointed step {stopped_at}, stopping" in rest
 
-    result = run_cached(compile_cache, "llm_jax.train", *QUICK, *MLM, f"--workdir={workdir}", *RESUME_ARGS)
+    result = run_module("llm_jax.train", *QUICK, *MLM, f"--workdir={workdir}", *RESUME_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {workdir / 'checkpoints'} at step {stopped_at}" in result.stderr
     resumed = metrics(workdir)
@@ -189,11 +172,11 @@ def write_tsv(path, rows: int, seed: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_classification_fine_tunes_from_the_pretrained_encoder(pretrained, compile_cache, tmp_path):
+def test_classification_fine_tunes_from_the_pretrained_encoder(pretrained, tmp_path):
     train_tsv, eval_tsv, workdir = tmp_path / "train.tsv", tmp_path / "eval.tsv", tmp_path / "classifier"
     write_tsv(train_tsv, 200, seed=1)
     write_tsv(eval_tsv, 40, seed=2)
-    result = run_cached(compile_cache, "llm_jax.train", *QUICK, *CLASSIFICATION, f"--workdir={workdir}",
+    result = run_module("llm_jax.train", *QUICK, *CLASSIFICATION, f"--workdir={workdir}",
                         f"--config.data.path={train_tsv}", f"--config.data.eval_path={eval_tsv}",
                         f"--config.data.tokenizer_path={pretrained / 'tokenizer' / 'spm.model'}",
                         f"--config.train.init_from={pretrained}", "--config.train.freeze=('embeddings','layers:1')",
@@ -222,7 +205,7 @@ def test_classification_fine_tunes_from_the_pretrained_encoder(pretrained, compi
     last_eval = [r for r in records if "eval/accuracy" in r][-1]
     assert last_eval["step"] == 30 and 0.0 <= last_eval["eval/accuracy"] <= 1.0 and 0.0 <= last_eval["eval/f1"] <= 1.0
 
-    evaluated = run_cached(compile_cache, "llm_jax.evaluate", f"--workdir={workdir}")  # the run's eval step
+    evaluated = run_module("llm_jax.evaluate", f"--workdir={workdir}")  # the run's eval step
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     printed = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert printed["step"] == 30
