@@ -46,6 +46,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("layers", None),  # the stacked axis of model.scan_layers: every layer on every device
     # activations
     ("batch", ("data", "fsdp")),
     ("act_heads", "tensor"),
@@ -137,7 +138,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "checkpoint_every": Key(1000, "steps between checkpoints (0 = only at the end)", free_on_resume=True),
         "keep_checkpoints": Key(2, "checkpoints kept on disk", free_on_resume=True),
         "steps_per_dispatch": Key(20, "optimizer steps fused into one device call (lax.scan)", free_on_resume=True),
-        "peak_flops_per_device": Key(None, "peak FLOP/s of one device for train/mfu; None = known table", type=float,
+        "peak_flops_per_device": Key(None, "peak FLOP/s of one device for train/mfu; None = the device table, "
+                                           "or on CPU a calibrated matmul (README: How MFU is computed)", type=float,
                                      free_on_resume=True),
         "init_from": Key("", "work directory (a run, or an import by llm_jax.convert) whose weights start this run; "
                              "parameters the task adds (new heads) are freshly initialised", free_on_resume=True),
@@ -167,11 +169,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                   "(('crf/.*', 100.0),) for a CRF layer that starts at zero beside a pretrained encoder"),
         "layer_decay": Key(1.0, "layer-wise learning-rate decay: block i of L gets learning_rate * layer_decay^(L-i), "
                                 "embeddings layer_decay^(L+1), heads 1 (1 = off)"),
+        "z_loss": Key(0.0, "z-loss coefficient: adds z_loss * mean(logsumexp(logits)^2) over the weighted targets of "
+                           "the vocabulary softmax (causal_lm, masked_lm) to the training loss, logged as train/z_loss "
+                           "(PaLM uses 1e-4; 0 = off)"),
     },
     "mesh": {
         "data": Key(-1, "data-parallel axis size (-1 = the remaining devices)", free_on_resume=True),
         "fsdp": Key(1, "fully-sharded data-parallel axis size (-1 = the remaining devices)", free_on_resume=True),
         "tensor": Key(1, "tensor-parallel axis size (-1 = the remaining devices)", free_on_resume=True),
+        "cpu_devices": Key(0, "split the CPU into this many XLA devices before JAX starts, so each core trains its "
+                              "own data shard (small models on CPU: see llm_jax/xla_defaults.py); -1 = one per "
+                              "usable core that divides train.batch_size; 0 = JAX's single CPU device. Left alone "
+                              "when XLA_FLAGS sets --xla_force_host_platform_device_count; no effect on GPU/TPU",
+                           free_on_resume=True),
         "logical_axis_rules": Key(DEFAULT_LOGICAL_AXIS_RULES, "logical axis name -> mesh axes", free_on_resume=True),
     },
 }
@@ -236,6 +246,8 @@ def _check_schema(config: ml_collections.ConfigDict) -> None:
 
 def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Mesh axis sizes with the single -1 filled in; errors name the axis and the device count."""
+    _require(int(mesh_config.get("cpu_devices", 0)) >= -1,
+             f"mesh.cpu_devices={mesh_config.cpu_devices}: a device count, -1 (one per core) or 0 (JAX's default)")
     sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
     fill = [axis for axis, size in sizes.items() if size == -1]
     _require(len(fill) <= 1, f"only one mesh axis may be -1, got mesh.{' and mesh.'.join(fill)}")
@@ -295,6 +307,7 @@ def _check_train(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) 
              f"train.loss_spike_factor={train.loss_spike_factor} must be 0 (off) or > 1")
     _require(opt.learning_rate > 0, f"optimizer.learning_rate={opt.learning_rate} must be > 0")
     _require(0 <= opt.warmup_steps, f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0")
+    _require(opt.z_loss >= 0, f"optimizer.z_loss={opt.z_loss} must be >= 0 (0 = off)")
     _require(0.0 < config.data.validation_fraction < 1.0,
              f"data.validation_fraction={config.data.validation_fraction} must be in (0, 1)")
 

@@ -35,9 +35,27 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def provenance(mesh_shape: dict[str, int]) -> dict[str, Any]:
+def cpu_model() -> str:
+    """The host CPU's model name and its vector/matrix ISA extensions (what XLA:CPU picks kernels by)."""
+    name, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name in ("unknown", platform.processor()):
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags.update(f for f in value.split() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    except OSError:
+        pass
+    return " ".join([name, *sorted(flags)])
+
+
+def provenance(mesh_shape: dict[str, int], peak_flops: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where and with what a run started; `peak_flops` (training only): the peak train/mfu divides by, its
+    source (configured, table or calibrated) and dtype (llm_jax.training.peak_flops.Peak)."""
     devices = jax.devices()
-    return {
+    where = {
         "packages": {name: _version(name) for name in PACKAGES},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -46,4 +64,9 @@ def provenance(mesh_shape: dict[str, int]) -> dict[str, Any]:
         "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind, "count": len(devices),
                     "process_count": jax.process_count()},
         "mesh": mesh_shape,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # llm_jax's CPU defaults and mesh.cpu_devices included
+        "cpu": cpu_model(),
     }
+    if peak_flops is not None:
+        where["peak_flops"] = peak_flops
+    return where

@@ -2,6 +2,7 @@
 
     python -m llm_jax.train --config=experiments/shakespeare_char.py --workdir=runs/shakespeare_char
     python -m llm_jax.train --config=... --workdir=... --compile_only     # per-device memory, no training
+    python -m llm_jax.train --config=... --workdir=... --profile_steps=20:30  # trace to DIR/profile/
 
 Multi-process: on TPU pods and SLURM the coordinator is found automatically; elsewhere pass
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process (launch.local does).
@@ -13,7 +14,7 @@ import json
 
 from absl import app, flags, logging
 
-from llm_jax import distributed
+from llm_jax import distributed, xla_defaults
 from llm_jax.cli import quiet_library_logs, run_reporting_errors
 from llm_jax.experiment_files import define_experiment_flag
 
@@ -33,11 +34,22 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume a
 _RESTORE_FALLBACK = flags.DEFINE_bool("restore_fallback", False, "when the newest checkpoint cannot be restored, "
                                       "resume from the newest one that can (the unreadable ones are moved to "
                                       "DIR/corrupt_checkpoints)")
+_PROFILE_STEPS = flags.DEFINE_string("profile_steps", None, "A:B: write a jax.profiler trace of updates A+1..B "
+                                     "(widened to whole dispatches of train.steps_per_dispatch) to DIR/profile/, "
+                                     "for TensorBoard's profile plugin or Perfetto")
 _INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 120, "seconds to wait for the coordinator and peers")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _run() -> None:
+    from llm_jax.training.profiling import ProfileWindow
+
+    profile_steps = None if _PROFILE_STEPS.value is None else ProfileWindow.parse(_PROFILE_STEPS.value)
+    config = _CONFIG.value
+    cpu_devices = xla_defaults.split_cpu(config.mesh.cpu_devices, config.train.batch_size,
+                                         config.optimizer.grad_accum_steps)  # before JAX starts its backend
+    if cpu_devices:
+        logging.info("mesh.cpu_devices=%s: the CPU runs as %d XLA devices", config.mesh.cpu_devices, cpu_devices)
     distributed.initialize(distributed.DistributedOptions(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, initialization_timeout_s=_INIT_TIMEOUT.value,
         heartbeat_timeout_s=_INIT_TIMEOUT.value, auto=_JAX_DISTRIBUTED.value,
@@ -56,7 +68,7 @@ def _run() -> None:
             print(json.dumps(report))
             return
         loop.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-                   restore_fallback=_RESTORE_FALLBACK.value)
+                   restore_fallback=_RESTORE_FALLBACK.value, profile_steps=profile_steps)
 
 
 def main(argv: list[str]) -> None:

@@ -36,6 +36,8 @@ import pytest  # noqa: E402
 # Datasets the tests prepare go to a fresh directory (inherited by CLI subprocesses), never ~/tensorflow_datasets.
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="llm_jax_tfds_")
 atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
+# Training runs measure no CPU peak for train/mfu (a ~1 s matmul per process); tests/test_flops.py turns it on.
+os.environ["LLM_JAX_CALIBRATE_PEAK"] = "0"
 
 # CLI subprocesses share a JAX persistent compilation cache for this session: the many runs of the same quick
 # configs compile each program once. Not the test process itself, whose tests inspect what a compile prints.
@@ -128,3 +130,16 @@ def run_updates(tx, params, grads_list):
         return params
 
     return run(params, grads_list)
+
+
+def random_text_run(tmp_path_factory, config):
+    """A one-device run of `config` (its data.path is set here) on 5,000 random characters: the tiny corpus
+    of the train-step tests."""
+    from llm_jax.training.run import build_run
+    import jax
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("".join(np.random.default_rng(0).choice(list("abcdefghij klmnop\n"), size=5000)))
+    config.data.path = str(path)
+    return build_run(config, str(tmp_path_factory.mktemp("run")), devices=jax.devices()[:1])

@@ -7,11 +7,12 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import random_text_run
 from configs.model_sizes import apply_model_size
 from llm_jax import config as config_lib
 from llm_jax.models.families import build_model
 from llm_jax.sharding import batch_sharding
-from llm_jax.training.run import build_run
+
 from llm_jax.training.run import model_inputs_fn
 from llm_jax.training.state import init_state
 from llm_jax.training.steps import _split_micro_batches, make_train_chunk, make_train_step
@@ -20,11 +21,11 @@ SEQ_LEN, BATCH, CHUNK = 16, 8, 6
 LR, MIN_LR, WARMUP = 1e-3, 1e-4, 2
 
 
-def _config(text_path):
+def _config():
     config = config_lib.default_config()
     apply_model_size(config, "test")
     config.model.update(max_len=SEQ_LEN)
-    config.data.update(path=str(text_path), seq_len=SEQ_LEN, pipeline="windows")
+    config.data.update(seq_len=SEQ_LEN, pipeline="windows")
     config.train.update(batch_size=BATCH, steps=CHUNK)
     config.optimizer.update(schedule="cosine", learning_rate=LR, min_learning_rate=MIN_LR, warmup_steps=WARMUP)
     config.mesh.update(data=1, fsdp=1, tensor=1)
@@ -34,9 +35,7 @@ def _config(text_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A one-device run; its cosine schedule warms up over 2 steps (rate 0 at step 0) and ends at step CHUNK."""
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text("".join(np.random.default_rng(0).choice(list("abcdefghij klmnop\n"), size=5000)))
-    return build_run(_config(path), str(tmp_path_factory.mktemp("run")), devices=jax.devices()[:1])
+    return random_text_run(tmp_path_factory, _config())
 
 
 @pytest.fixture(scope="module")

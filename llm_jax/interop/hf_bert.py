@@ -3,7 +3,9 @@
 One table, `tensor_map(cfg, prefix)`, pairs every encoder parameter with its transformers tensor and the
 layout change between them (torch Linear weights are [out, in]; ours are [in, ...out] with heads split out,
 and our vocabulary rows are padded). Import, export and the shape checks all read that table, so they
-cannot disagree. Everything here works on numpy arrays: no torch, no transformers.
+cannot disagree. Everything here works on numpy arrays: no torch, no transformers. The table names looped
+blocks (`block_{i}`); a model with model.scan_layers gets and gives its stacked `blocks` through
+llm_jax.models.layer_layout.
 
 Shape letters: D model width, N heads, H head width, F MLP width, V vocabulary, P padded vocabulary.
 """
@@ -16,6 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from llm_jax.models import layer_layout
 from llm_jax.models.model_config import ModelConfig, padded_vocab
 
 FAMILY = "encoder"
@@ -306,8 +309,9 @@ def _check_tied_decoder(state_dict: Mapping[str, np.ndarray], embedding_key: str
 
 def hf_to_params(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig, source: str = "model.safetensors",
                  config_source: str = "config.json") -> dict[str, Any]:
-    """The encoder's parameter tree (float32 numpy) from a transformers BERT state dict (with or without the
-    "bert." prefix); vocabulary rows past vocab_size are zeros. Shapes are checked first."""
+    """The encoder's parameter tree (float32 numpy, in the layer layout of cfg.scan_layers) from a transformers
+    BERT state dict (with or without the "bert." prefix); vocabulary rows past vocab_size are zeros. Shapes are
+    checked first."""
     state_dict = {canonical_name(name): tensor for name, tensor in state_dict.items()}
     check_tensor_shapes({name: tuple(np.shape(t)) for name, t in state_dict.items()}, cfg, source, config_source)
     maps = tensor_map(cfg, encoder_prefix(state_dict))
@@ -315,13 +319,15 @@ def hf_to_params(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig, source:
     params: dict[str, Any] = {}
     for m in maps:
         _set(params, m.path, m.to_param(state_dict[m.hf_key]))
-    return params
+    return layer_layout.to_layout(params, cfg.scan_layers)
 
 
 def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """transformers' state dict (float32, vocabulary padding sliced off) of the BERT class
-    `export_architecture(cfg)`, without the tied decoder copies transformers does not save either."""
+    `export_architecture(cfg)`, without the tied decoder copies transformers does not save either. `params` may
+    be in either layer layout."""
     check_exportable(cfg)
     cfg = export_config(cfg)
+    params = layer_layout.to_looped(params)
     prefix = "" if export_architecture(cfg) == "BertModel" else "bert."
     return {m.hf_key: m.to_hf(np.asarray(_get(params, m.path))) for m in tensor_map(cfg, prefix)}

@@ -1,4 +1,5 @@
-"""Multi-head (and grouped-query) attention through jax.nn.dot_product_attention, for every family.
+"""Multi-head (and grouped-query) attention for every family; the kernel is `model.attention_impl`
+(`models.attention_kernels`: xla, cudnn, splash).
 
 The mask comes from (query segment ids, key segment ids, causal or not): the same module is causal
 self-attention in a decoder, bidirectional self-attention in an encoder, and cross-attention when the keys
@@ -12,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.models.attention_kernels import ATTENTION_KERNELS, attention_mask  # noqa: F401 (re-exported)
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.models.positions import POSITIONALS
 
@@ -40,27 +42,9 @@ class Projection(nn.Module):
         return y
 
 
-def attention_mask(q_segments_BT: jax.Array | None, k_segments_BS: jax.Array | None,
-                   causal: bool) -> jax.Array | None:
-    """[B, 1, T, S] True where query t may read key s; causality itself is left to dot_product_attention.
-
-    Segment id 0 marks padding. A query reads keys of its own segment. Without causality (encoders,
-    cross-attention) no query reads a padding key, and a padding query reads every real key, as BERT
-    does, so padding outputs are finite and equal transformers'. (The causal mask keeps padding with
-    padding: the decoder's program is unchanged, and padding targets carry no weight.)
-    """
-    if q_segments_BT is None or k_segments_BS is None:
-        return None
-    same_BTS = q_segments_BT[:, :, None] == k_segments_BS[:, None, :]
-    if not causal:
-        real_key_B1S = k_segments_BS[:, None, :] != 0
-        same_BTS = (same_BTS | (q_segments_BT[:, :, None] == 0)) & real_key_B1S
-    return same_BTS[:, None, :, :]
-
-
 class MultiHeadAttention(nn.Module):
     """q from `x_BTD`, k/v from `kv_BSD` (self-attention when it is x), optional rotary positions and
-    additive bias, masked softmax attention, output projection."""
+    additive bias, masked softmax attention by the `model.attention_impl` kernel, output projection."""
 
     config: ModelConfig
     causal: bool
@@ -87,9 +71,9 @@ class MultiHeadAttention(nn.Module):
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "seq", "act_heads", None))
         k_BSKH = nn.with_logical_constraint(k_BSKH, ("batch", "seq", "act_kv_heads", None))
         v_BSKH = nn.with_logical_constraint(v_BSKH, ("batch", "seq", "act_kv_heads", None))
-        mask_B1TS = attention_mask(segment_ids_BT, kv_segment_ids_BS, self.causal)
-        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_B1TS,
-                                                is_causal=self.causal)
+        attend = ATTENTION_KERNELS.get(cfg.attention_impl).attend
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, q_segments_BT=segment_ids_BT, k_segments_BS=kv_segment_ids_BS,
+                          causal=self.causal, bias_BNTS=bias_BNTS)
         out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "seq", "act_heads", None))
         return Projection(cfg, "btnh,nhd->btd", (N, H, D), ("heads", "head_dim", "embed"), cfg.residual_init_std,
                           1, name="out")(out_BTNH)

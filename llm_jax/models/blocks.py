@@ -7,28 +7,18 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.models.attention import MultiHeadAttention
+from llm_jax.models.cpu_tuning import residual_barrier
 from llm_jax.models.embeddings import ACTIVATION_AXES
 from llm_jax.models.mlp import MLPS
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.models.norms import NORMS
+from llm_jax.models.remat import ATTENTION_OUT, CROSS_ATTENTION_OUT, MLP_OUT
 from llm_jax.registry import Registry
 
 
-
-@jax.custom_vjp
-def materialize_cotangent(x: jax.Array) -> jax.Array:
-    """Identity whose gradient is materialised (an optimization barrier on the cotangent).
-
-    Without it XLA fuses the residual stream's gradient, a sum over every later layer, into each consumer
-    and recomputes it there: backward cost grows with layers squared (measured on CPU: 4 layers took 6x
-    the time of 1). The barrier makes each block boundary a materialised buffer.
-    """
-    return x
-
-
-materialize_cotangent.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.optimization_barrier(g),))
 
 # (x, branch function, norm module, dropout) -> new residual stream
 Residual = Callable[[jax.Array, Callable[[jax.Array], jax.Array], nn.Module, Callable[[jax.Array], jax.Array]],
@@ -61,24 +51,29 @@ class Block(nn.Module):
                  encoded_segment_ids_BS: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         norm = NORMS.get(cfg.norm)
+        materialize_cotangent = residual_barrier(cfg.cpu_tuning)
         residual = NORM_POSITIONS.get(cfg.norm_position)
 
         def dropout(y_BTD: jax.Array) -> jax.Array:
             return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
         def self_attention(h_BTD: jax.Array) -> jax.Array:
-            return MultiHeadAttention(cfg, self.causal, name="attention")(h_BTD, positions_BT, segment_ids_BT,
-                                                                          bias_BNTS=bias_BNTS)
+            out_BTD = MultiHeadAttention(cfg, self.causal, name="attention")(h_BTD, positions_BT, segment_ids_BT,
+                                                                             bias_BNTS=bias_BNTS)
+            return checkpoint_name(out_BTD, ATTENTION_OUT)  # what model.remat=save_names keeps
 
         x_BTD = materialize_cotangent(x_BTD)
         x_BTD = residual(x_BTD, self_attention, norm(cfg, name="attention_norm"), dropout)
         x_BTD = materialize_cotangent(nn.with_logical_constraint(x_BTD, ACTIVATION_AXES))
         if self.cross:
             def cross_attention(h_BTD: jax.Array) -> jax.Array:
-                return MultiHeadAttention(cfg, False, name="cross_attention")(
-                    h_BTD, positions_BT, segment_ids_BT, kv_BSD=encoded_BSD, kv_segment_ids_BS=encoded_segment_ids_BS)
+                return checkpoint_name(MultiHeadAttention(cfg, False, name="cross_attention")(
+                    h_BTD, positions_BT, segment_ids_BT, kv_BSD=encoded_BSD, kv_segment_ids_BS=encoded_segment_ids_BS),
+                    CROSS_ATTENTION_OUT)
 
             x_BTD = residual(x_BTD, cross_attention, norm(cfg, name="cross_attention_norm"), dropout)
             x_BTD = materialize_cotangent(nn.with_logical_constraint(x_BTD, ACTIVATION_AXES))
-        x_BTD = residual(x_BTD, MLPS.get(cfg.mlp)(cfg, name="mlp"), norm(cfg, name="mlp_norm"), dropout)
+        mlp = MLPS.get(cfg.mlp)(cfg, name="mlp")
+        x_BTD = residual(x_BTD, lambda h_BTD: checkpoint_name(mlp(h_BTD), MLP_OUT), norm(cfg, name="mlp_norm"),
+                         dropout)
         return nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)

@@ -60,6 +60,20 @@ class ModelConfig:
     init_std: float = key(0.02, "stddev of the normal init; residual projections use init_std / sqrt(2 * num_layers)")
     dtype: Any = key("float32", "compute dtype (bfloat16 for mixed precision on accelerators)", free_on_resume=True)
     param_dtype: Any = key("float32", "parameter and optimizer-state dtype")
+    cpu_tuning: str = key("auto", "CPU-only program changes (a fusion barrier on each block's residual gradient, a "
+                                  "hand-written norm backward; same function, faster on XLA:CPU, no forward-mode "
+                                  "autodiff): auto = only when the backend is the CPU",
+                          registry="llm_jax.models.cpu_tuning:CPU_TUNING", free_on_resume=True)
+    scan_layers: bool = key(False, "run the blocks as one nn.scan over a single Block (parameters stacked under "
+                                   "'blocks' on a leading 'layers' axis; compile time independent of depth) instead "
+                                   "of a loop of block_{i} modules; llm_jax.models.layer_layout converts between them")
+    remat: str = key("none", "rematerialisation of each block in the backward pass: none keeps every activation, "
+                             "full recomputes the block, save_dots keeps matmul outputs, save_names keeps the "
+                             "attention and MLP outputs", registry="llm_jax.models.remat:REMAT_POLICIES",
+                     free_on_resume=True)
+    attention_impl: str = key("xla", "attention kernel: xla (every backend), cudnn (GPU flash attention, bfloat16/"
+                                     "float16) or splash (TPU Pallas, no positional bias); checked against the backend",
+                              registry="llm_jax.models.attention_kernels:ATTENTION_KERNELS", free_on_resume=True)
     padded_vocab_size: int = key(None, "embedding rows: vocab_size padded for the mesh axes that shard it",
                                   config=False)
     heads: tuple[str, ...] = key(("lm",), "output heads the task reads (names in models.heads:HEADS)", config=False)
@@ -122,6 +136,7 @@ def build_model_config(model: ml_collections.ConfigDict, vocab_size: int, vocab_
 
     The embedding is padded for `vocab_shard_sizes` (see padded_vocab) unless `padded_vocab_size` is given: a
     resumed run's saved size, kept so its parameter shapes match the checkpoint, after check_padded_vocab.
+    `model.attention_impl` is checked against this process's JAX backend (attention_kernels.check_attention_impl).
     """
     values = {field.name: model[field.name] for field in config_fields()}
     vocab = model.vocab_size or vocab_size
@@ -131,7 +146,11 @@ def build_model_config(model: ml_collections.ConfigDict, vocab_size: int, vocab_
         check_padded_vocab(padded_vocab_size, vocab, vocab_shard_sizes)
     values.update(vocab_size=vocab, num_labels=model.num_labels or num_labels, padded_vocab_size=padded_vocab_size,
                   heads=tuple(heads))
-    return ModelConfig(**values)
+    cfg = ModelConfig(**values)
+    from llm_jax.models.attention_kernels import check_attention_impl  # imports this module
+
+    check_attention_impl(cfg)
+    return cfg
 
 
 def model_config_to_json(cfg: ModelConfig) -> dict[str, Any]:

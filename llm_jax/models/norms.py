@@ -1,8 +1,9 @@
 """Normalisation layers, selected by `model.norm`.
 
-Both norms compute in float32 and have hand-written backward passes that reuse the saved normalised
-input: left to autodiff, XLA:CPU re-derives the forward chain inside large transposing backward fusions,
-which made the whole train step ~25% slower on the shakespeare recipe.
+Both norms compute in float32. On the CPU (`model.cpu_tuning`, models/cpu_tuning.py) they use a hand-written
+backward pass that reuses the saved normalised input: left to autodiff, XLA:CPU re-derives the forward chain
+inside large transposing backward fusions, which made the whole train step ~25% slower on the shakespeare
+recipe. Elsewhere autodiff differentiates the same forward function.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from llm_jax.models.cpu_tuning import cpu_tuned
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.registry import Registry
 
@@ -56,6 +58,11 @@ def _normalize_bwd(eps, center, residuals, g_BTD):
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
+def normalize_autodiff(x_BTD: jax.Array, scale_D: jax.Array, eps: float, center: bool) -> jax.Array:
+    """`normalize`'s forward function, differentiated by JAX (forward mode works; GPU/TPU fuse it freely)."""
+    return _normalize_fwd(x_BTD, scale_D, eps, center)[0]
+
+
 class _Norm(nn.Module):
     config: ModelConfig
     center = True
@@ -66,7 +73,8 @@ class _Norm(nn.Module):
         features = (x_BTD.shape[-1],)
         scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), features,
                              cfg.param_dtype)
-        y_BTD = normalize(x_BTD, scale_D.astype(jnp.float32), cfg.norm_eps, self.center)
+        normalize_fn = normalize if cpu_tuned(cfg.cpu_tuning) else normalize_autodiff
+        y_BTD = normalize_fn(x_BTD, scale_D.astype(jnp.float32), cfg.norm_eps, self.center)
         if cfg.use_bias and self.center:
             bias_D = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), features,
                                 cfg.param_dtype)

@@ -1,21 +1,25 @@
 """The parts every family composes: embeddings in, blocks, final norm; call inside a compact method.
 
 These are functions, not modules, so their parameters sit at the top of the family's tree
-(token_embedding, position_embedding, token_type_embedding, embedding_norm, block_{i}, final_norm) and a
-family is a few lines: embed -> blocks -> heads.
+(token_embedding, position_embedding, token_type_embedding, embedding_norm, block_{i} or, with
+model.scan_layers, one stacked `blocks`, final_norm) and a family is a few lines: embed -> blocks -> heads.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.models import layer_layout
 from llm_jax.models.blocks import Block
 from llm_jax.models.embeddings import ACTIVATION_AXES, TokenEmbedding, TokenTypeEmbedding
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.models.norms import NORMS
 from llm_jax.models.positions import POSITIONALS
+from llm_jax.models.remat import remat_block
 
 
 def positions_from_segments(segment_ids_BT: jax.Array | None, shape: tuple[int, int], *,
@@ -60,13 +64,48 @@ def attention_bias(cfg: ModelConfig, positions_BT: jax.Array) -> jax.Array | Non
     return bias_module(cfg, name="attention_bias")(positions_BT, positions_BT)
 
 
-def blocks(cfg: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
-           deterministic: bool, *, causal: bool) -> jax.Array:
-    """model.num_layers blocks, then the final norm under pre-LN (post-LN blocks end normalised)."""
-    bias_BNTS = attention_bias(cfg, positions_BT)
+class StackBlock(Block):
+    """A Block called as a step of the stack: (x, inputs) -> (x, None), the shape nn.scan wants. `inputs` holds
+    the Block's positional and keyword arguments (positions_BT, segment_ids_BT, bias_BNTS, encoded_BSD, ...),
+    the same for every layer; `deterministic` is an attribute because remat and scan trace every argument."""
+
+    deterministic: bool = True
+
+    def __call__(self, x_BTD: jax.Array, inputs: dict[str, Any]) -> tuple[jax.Array, None]:
+        kwargs = dict(inputs)
+        positions_BT, segment_ids_BT = kwargs.pop("positions_BT"), kwargs.pop("segment_ids_BT")
+        return super().__call__(x_BTD, positions_BT, segment_ids_BT, self.deterministic, **kwargs), None
+
+
+def looped_blocks(cfg: ModelConfig, x_BTD: jax.Array, inputs: dict[str, Any], deterministic: bool, *,
+                  causal: bool, cross: bool) -> jax.Array:
+    """model.num_layers modules block_0 .. block_{L-1}, each under the model.remat policy."""
+    block = remat_block(StackBlock, cfg.remat, scanned=False)
     for layer in range(cfg.num_layers):
-        x_BTD = Block(cfg, causal, name=f"block_{layer}")(x_BTD, positions_BT, segment_ids_BT, deterministic,
-                                                          bias_BNTS=bias_BNTS)
+        x_BTD, _ = block(cfg, causal, cross, deterministic, name=layer_layout.looped_name(layer))(x_BTD, inputs)
+    return x_BTD
+
+
+def scanned_blocks(cfg: ModelConfig, x_BTD: jax.Array, inputs: dict[str, Any], deterministic: bool, *,
+                   causal: bool, cross: bool) -> jax.Array:
+    """One nn.scan over a Block (under the model.remat policy) whose parameters are stacked on a leading
+    `layers` axis; `inputs` is broadcast to every layer, parameters and dropout get a key per layer."""
+    block = remat_block(StackBlock, cfg.remat, scanned=True)
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,), length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BTD, _ = stack(cfg, causal, cross, deterministic, name=layer_layout.SCANNED)(x_BTD, inputs)
+    return x_BTD
+
+
+def blocks(cfg: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
+           deterministic: bool, *, causal: bool, cross: bool = False, **block_kwargs: jax.Array | None) -> jax.Array:
+    """model.num_layers blocks (looped, or scanned with model.scan_layers), then the final norm under pre-LN
+    (post-LN blocks end normalised). `block_kwargs` go to every Block (encoded_BSD, encoded_segment_ids_BS of
+    `cross` blocks); the positional attention bias is computed here once for all layers."""
+    inputs = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                  bias_BNTS=attention_bias(cfg, positions_BT), **block_kwargs)
+    layout = scanned_blocks if cfg.scan_layers else looped_blocks
+    x_BTD = layout(cfg, x_BTD, inputs, deterministic, causal=causal, cross=cross)
     if cfg.norm_position == "pre":
         x_BTD = NORMS.get(cfg.norm)(cfg, name="final_norm")(x_BTD)
     return x_BTD

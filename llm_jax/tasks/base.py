@@ -69,6 +69,7 @@ class Task:
 
     name = ""
     families: tuple[str, ...] = ()
+    vocab_terms: tuple[str, ...] = ()  # loss terms that are a softmax over the vocabulary (optimizer.z_loss)
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -86,6 +87,11 @@ class Task:
         if family not in self.families:
             raise ConfigError(f"data.objective={self.name!r} runs on model.family in {list(self.families)}, not "
                               f"{family!r}")
+        z_loss = self.config.optimizer.z_loss
+        if z_loss and not self.vocab_terms:
+            raise ConfigError(f"optimizer.z_loss={z_loss} regularises a softmax over the vocabulary, and "
+                              f"data.objective={self.name!r} has none (its heads predict a few labels); set "
+                              "optimizer.z_loss=0")
 
     def rows(self, records: grain.MapDataset, context: RowContext) -> grain.IterDataset:
         """The records of one split (already sharded, and for training shuffled and repeated) -> rows of the
@@ -106,6 +112,23 @@ class Task:
 
     def loss_terms(self, outputs: Outputs, batch: Batch) -> LossTerms:
         raise NotImplementedError
+
+    def vocab_logits(self, outputs: Outputs, batch: Batch) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """term -> (logits [..., V], weights [...]) of each of `vocab_terms`: what z-loss regularises."""
+        return {}
+
+    def z_loss_terms(self, outputs: Outputs, batch: Batch) -> LossTerms:
+        """term -> (optimizer.z_loss * sum of weight * logsumexp(logits)^2, weight sum) for every vocabulary
+        softmax (PaLM's z-loss: keeps the normaliser near 1, so large-vocabulary logits do not drift); the train
+        step divides each by its term's weight total, as the term itself. Empty when optimizer.z_loss is 0."""
+        coefficient = self.config.optimizer.z_loss
+        if not coefficient:
+            return {}
+        terms = {}
+        for name, (logits_XV, weights_X) in self.vocab_logits(outputs, batch).items():
+            lse_X = jax.nn.logsumexp(logits_XV.astype(jnp.float32), axis=-1)
+            terms[name] = (coefficient * jnp.sum(weights_X * jnp.square(lse_X)), jnp.sum(weights_X))
+        return terms
 
     def tokens(self, batch: Batch) -> jax.Array:
         """Tokens this batch trains on, for train/tokens_per_second."""

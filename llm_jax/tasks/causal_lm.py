@@ -21,6 +21,7 @@ class CausalLM(Task):
 
     name = "causal_lm"
     families = ("decoder",)
+    vocab_terms = ("lm",)
 
     def heads(self) -> tuple[str, ...]:
         return ("lm",)
@@ -53,6 +54,9 @@ class CausalLM(Task):
     def loss_terms(self, outputs: Outputs, batch: Batch) -> LossTerms:
         loss_sum, weight_sum, _ = cross_entropy_terms(outputs.heads["lm"], batch["targets"], batch["weights"])
         return {"lm": (loss_sum, weight_sum)}
+
+    def vocab_logits(self, outputs: Outputs, batch: Batch) -> dict[str, tuple[jax.Array, jax.Array]]:
+        return {"lm": (outputs.heads["lm"], batch["weights"])}
 
     def tokens(self, batch: Batch) -> jax.Array:
         return jnp.sum(batch["weights"])

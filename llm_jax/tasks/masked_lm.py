@@ -100,6 +100,7 @@ class MaskedLM(Task):
 
     name = "masked_lm"
     families = ("encoder",)
+    vocab_terms = ("mlm",)  # not the two-class sentence head
 
     def heads(self) -> tuple[str, ...]:
         return ("mlm", "nsp") if self.config.data.sentence_task != "none" else ("mlm",)
@@ -143,6 +144,9 @@ class MaskedLM(Task):
             terms["sentence"] = weighted_cross_entropy(outputs.heads["nsp"], batch["sentence_labels"],
                                                        batch["sentence_weights"])
         return terms
+
+    def vocab_logits(self, outputs: Outputs, batch: Batch) -> dict[str, tuple[jax.Array, jax.Array]]:
+        return {"mlm": (outputs.heads["mlm"], batch["mlm_weights"])}
 
     def tokens(self, batch: Batch) -> jax.Array:
         return jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)

@@ -3,7 +3,9 @@
 The source's parameters are read on the host from its latest checkpoint without building its model;
 `merge_params` copies every parameter the two models share (same path, same shape), keeps the ones the source
 lacks as initialised (new task heads) and reports the source's parameters this model has no place for (its
-old heads). Every process reads the whole tree and then places its own shards.
+old heads). Either layer layout (model.scan_layers) loads into either: both trees are compared looped
+(`block_{i}`) and the result takes the target's layout. Every process reads the whole tree and then places its
+own shards.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from llm_jax.errors import ConfigError
+from llm_jax.models import layer_layout
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.training.checkpoint import CHECKPOINTS_DIR, STATE_ITEM, committed_steps
 from llm_jax.training.optimizer import param_path
@@ -119,11 +122,14 @@ def merge_params(target: Any, source: Mapping[str, Any], *, target_family: str, 
     A vocabulary-padded parameter (VOCAB_AXES) whose padding differs keeps the target's extra rows when the real
     vocabulary sizes agree. Returns (merged, report) with the paths "loaded" (incl. "resized" ones), "new" (kept
     as initialised) and "dropped" (in the source only); raises ConfigError for another family, a shape mismatch
-    or nothing shared.
+    or nothing shared. Scanned and looped trees mix freely: the paths of the report are the looped ones
+    (`block_{i}/...`) and `merged` has the layout of `target`.
     """
     if source_family != target_family:
         raise ConfigError(f"train.init_from={source_dir} holds a model of family {source_family!r}; this run's "
                           f"model.family is {target_family!r}: start from a work directory of the same family")
+    target_scanned = layer_layout.is_scanned(target)
+    source, target = layer_layout.to_looped(source), layer_layout.to_looped(target)
     flat_source = {param_path(key_path): leaf for key_path, leaf in jax.tree_util.tree_leaves_with_path(source)}
     report: dict[str, list[str]] = {"loaded": [], "resized": [], "new": [], "dropped": []}
 
@@ -145,7 +151,7 @@ def merge_params(target: Any, source: Mapping[str, Any], *, target_family: str, 
     if not report["loaded"]:
         raise ConfigError(f"train.init_from={source_dir} shares no parameter with this model: its top-level "
                           f"parameters are {', '.join(sorted(source))}, this run's {', '.join(sorted(target))}")
-    return merged, report
+    return layer_layout.to_layout(merged, target_scanned), report
 
 
 def init_params_from(workdir: str, target: Any, model_config: ModelConfig) -> tuple[Any, dict[str, list[str]]]:

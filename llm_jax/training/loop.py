@@ -25,9 +25,11 @@ from llm_jax.provenance import provenance
 from llm_jax.sharding import batch_shardings, global_batch
 from llm_jax.training import evaluation, run_record
 from llm_jax.training.checkpoint import CHECKPOINTS_DIR, Checkpointer, committed_steps
-from llm_jax.training.flops import peak_flops_per_device, train_flops_per_token
+from llm_jax.training.flops import mfu_scale, train_flops_per_token
 from llm_jax.training.init_from import init_params_from
 from llm_jax.training.metrics import MetricsWriter, ProgressLine, keep_metrics_through, log_progress, read_run_metrics
+from llm_jax.training.peak_flops import Peak, resolve_peak
+from llm_jax.training.profiling import ProfileWindow, StepProfiler
 from llm_jax.training.run import Run, build_run, jit_train_chunk, model_inputs_fn
 from llm_jax.training.state import TrainState, init_state
 from llm_jax.training.steps import all_finite
@@ -199,18 +201,19 @@ class TrainWindow:
 
 
 class HostLoop:
-    """Runs chunks from `start` to train.steps with logging, evaluation and checkpoints."""
+    """Runs chunks from `start` to train.steps with logging, evaluation and checkpoints (and a profile trace
+    of the updates `profiler` asks for)."""
 
-    def __init__(self, run: Run, writer: MetricsWriter, checkpointer: Checkpointer):
-        self.run, self.writer, self.checkpointer = run, writer, checkpointer
+    def __init__(self, run: Run, writer: MetricsWriter, checkpointer: Checkpointer, peak: Peak,
+                 profiler: StepProfiler | None = None):
+        self.run, self.writer, self.checkpointer, self.profiler = run, writer, checkpointer, profiler
         self.events = StepEvents.from_config(run.config.train)
         self.chunks = ChunkRunner(run)
         self.evaluator = evaluation.Evaluator(run)
         self.progress = ProgressLine(self.events.total)
         self.sharding = batch_shardings(run.mesh, run.rules, run.task.batch_spec(), stacked=True)
-        peak = peak_flops_per_device(run.config.train.peak_flops_per_device)
-        flops = train_flops_per_token(run.model_config, run.config.data.seq_len)
-        self.mfu_scale = flops / (peak * jax.device_count()) if peak else None
+        flops = train_flops_per_token(run.model_config, run.config.data.seq_len, _vocab_head_positions(run))
+        self.mfu_scale = mfu_scale(flops, peak.flops_per_device, jax.device_count())
         self.final_metrics: dict[str, float] = {}
         self.train_seconds = 0.0
         self.guard = NonfiniteGuard(run.config.train)
@@ -271,21 +274,39 @@ class HostLoop:
         logging.warning("step %d not checkpointed: %s (train.nonfinite=skip)", step, problem)
 
     def run_from(self, state: TrainState, start: int, stop_request: StopRequest) -> TrainState:
-        step, pending, window = start, None, TrainWindow(start, self.guard)
+        window = TrainWindow(start, self.guard)
         log_every = self.run.config.train.log_every
         if start % log_every and start < self.events.total:
             first_log = min(self.events.total, (start // log_every + 1) * log_every)
             logging.info("resumed between log steps: the train metrics logged at step %d average steps %d-%d only "
                          "(an uninterrupted run averages the %d steps up to it)", first_log, start + 1, first_log,
                          log_every)
+        profiler = self.profiler if self.profiler and not self.profiler.skipped(start) else None
+        try:
+            state = self._run_chunks(state, start, stop_request, window, profiler)
+        except BaseException:
+            if profiler:
+                profiler.finish(state, wait=False)
+            raise
+        if profiler:
+            profiler.finish(state)
+        return state
+
+    def _run_chunks(self, state: TrainState, step: int, stop_request: StopRequest, window: TrainWindow,
+                    profiler: StepProfiler | None) -> TrainState:
+        pending = None
         while step < self.events.total:
             stop = self.events.next_stop(step)
+            if profiler:
+                window.excluded += profiler.before_dispatch(step, stop)
             local = self.run.data.train.next_chunk(stop - step)
             batches = global_batch(local, self.sharding, 1, self.run.config.train.batch_size)
             compile_before = self.chunks.compile_seconds
             state, metrics = self.chunks(state, batches)
             self.last_batches = batches
             window.excluded += self.chunks.compile_seconds - compile_before
+            if profiler:
+                window.excluded += profiler.after_dispatch(stop, state)
             if pending is not None:
                 window.add(*pending)
             pending, step = (step, metrics), stop
@@ -300,6 +321,13 @@ class HostLoop:
                 logging.warning("signal %d: checkpointed step %d, stopping", signal_number, step)
                 raise SystemExit(128 + signal_number)
         return state
+
+
+def _vocab_head_positions(run: Run) -> int | None:
+    """Positions per row the vocabulary heads read when the task predicts only some (BERT's masked-LM slots,
+    the model's `prediction_positions_BP` input), else None: every position."""
+    positions = model_inputs_fn(run.task)().get("prediction_positions_BP")
+    return None if positions is None else int(positions.shape[-1])
 
 
 def _init_from(run: Run, state: TrainState) -> TrainState:
@@ -344,11 +372,12 @@ def _resume_plan(config: ml_collections.ConfigDict, workdir: str, allow_config_c
     return record, changes
 
 
-def _record_start(run: Run, record: dict | None, start: int, changes: run_record.Changes | None) -> None:
-    """DIR/config.json and DIR/metrics.jsonl agree with the state just restored (or initialised)."""
+def _record_start(run: Run, record: dict | None, start: int, changes: run_record.Changes | None, peak: Peak) -> None:
+    """DIR/config.json and DIR/metrics.jsonl agree with the state just restored (or initialised); the
+    provenance holds the peak train/mfu divides by and where it came from."""
     if jax.process_index() != 0:
         return
-    where = provenance(dict(run.mesh.shape))
+    where = provenance(dict(run.mesh.shape), peak_flops=peak.to_json())
     if start == 0 or record is None:
         run_record.write_first_start(run.workdir, run.config, run.model_config, where)
     else:
@@ -363,26 +392,33 @@ def _kept_step(start: int) -> int:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
-          restore_fallback: bool = False, devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
+          restore_fallback: bool = False, devices: Sequence[jax.Device] | None = None,
+          profile_steps: ProfileWindow | None = None) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir` on `devices` (default: all); returns the last logged train and
-    eval metrics."""
+    eval metrics. `profile_steps`: write a jax.profiler trace of those updates to DIR/profile."""
+    if profile_steps is not None:
+        profile_steps.check(config.train.steps)
     record, changes = _resume_plan(config, workdir, allow_config_change)
     padded_vocab = run_record.saved_padded_vocab(record) if record is not None and changes is not None else None
     run = build_run(config, workdir, devices=devices, padded_vocab_size=padded_vocab)
     num_params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(run.abstract_state.params))
     logging.info("model: %s parameters | mesh %s | %d devices (%s)", f"{num_params:,}", dict(run.mesh.shape),
                  jax.device_count(), jax.devices()[0].device_kind)
+    peak = resolve_peak(config.train.peak_flops_per_device, run.model_config.dtype)
+    logging.info("train/mfu peak: %s", f"{peak.flops_per_device / 1e12:.4g} TFLOP/s per device ({peak.source}: "
+                 f"{peak.note})" if peak.flops_per_device else f"none ({peak.note})")
     checkpointer = Checkpointer(run.checkpoint_dir, keep=config.train.keep_checkpoints)
     stop_request = StopRequest()
     try:
         with jax.set_mesh(run.mesh), run.rules_context():
             state, start = _restore_or_init(run, checkpointer, restore_fallback)
-            _record_start(run, record, start, changes)
+            _record_start(run, record, start, changes, peak)
             writer = MetricsWriter(workdir, restart_step=_kept_step(start))
             if start == 0:
                 writer.write(0, describe(run.data))
             try:
-                loop = HostLoop(run, writer, checkpointer)
+                profiler = StepProfiler(profile_steps, workdir) if profile_steps is not None else None
+                loop = HostLoop(run, writer, checkpointer, peak, profiler)
                 if start >= config.train.steps:
                     logging.info("%s already holds step %d of %d: nothing to train", workdir, start, config.train.steps)
                     return _last_metrics(workdir)

@@ -19,6 +19,7 @@ from llm_jax import config as config_lib
 from llm_jax.data.pipeline import LMData, build_data
 from llm_jax.data.tokenizers import Tokenizer, load_tokenizer
 from llm_jax.models.families import build_model
+from llm_jax.models.attention_kernels import runnable_impl
 from llm_jax.models.model_config import ModelConfig, build_model_config
 from llm_jax.sharding import (Rules, batch_shardings, build_mesh, logical_rules, process_batch_rows,
                               vocab_shard_sizes)
@@ -88,9 +89,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Seque
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
     _check_vocab(config, tokenizer)
-    model_config = saved_model_config or build_model_config(
-        config.model, tokenizer.vocab_size, vocab_shard_sizes(mesh_sizes, rules), task.heads(), task.num_labels(),
-        padded_vocab_size=padded_vocab_size)
+    if saved_model_config is not None:  # a saved run read on another backend (cudnn-trained, CPU-evaluated) uses xla
+        model_config = saved_model_config.replace(attention_impl=runnable_impl(saved_model_config))
+    else:
+        model_config = build_model_config(config.model, tokenizer.vocab_size, vocab_shard_sizes(mesh_sizes, rules),
+                                          task.heads(), task.num_labels(), padded_vocab_size=padded_vocab_size)
     model = build_model(model_config)
     inputs = model_inputs_fn(task)
     params = nn.unbox(abstract_params(model, inputs))

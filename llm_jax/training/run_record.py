@@ -18,6 +18,7 @@ import ml_collections
 
 from llm_jax import config as config_lib
 from llm_jax.errors import ConfigError, WorkdirError
+from llm_jax.models.layer_layout import check_layout_unchanged
 from llm_jax.models.model_config import ModelConfig, model_config_from_json, model_config_to_json
 
 CONFIG_FILE = "config.json"
@@ -145,6 +146,7 @@ def check_resume(record: dict[str, Any], config: ml_collections.ConfigDict, work
     """The changes this start makes to the run in force; raises ConfigError, before any work, when one would
     change the parameters, the optimizer state or the data stream and `allow_config_change` is False."""
     changes = config_changes(config_in_force(record), config)
+    check_layout_unchanged(changes, workdir)  # the checkpoint's trees cannot take the other layout
     guarded = sorted(key for key in changes if not _is_free(key))
     if guarded and not allow_config_change:
         listed = "; ".join(f"{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in guarded)

@@ -16,6 +16,7 @@ import optax
 from llm_jax.models.outputs import Outputs
 from llm_jax.tasks.base import Batch, Task
 from llm_jax.training.state import TrainState
+from llm_jax.training.optimizer import trainable_grad_norm
 
 Metrics = dict[str, jax.Array]
 
@@ -38,31 +39,39 @@ def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
 
 
 def _gradients(model: nn.Module, task: Task, params: Any, batch: Batch, dropout_key: jax.Array | None,
-               grad_accum_steps: int) -> tuple[jax.Array, Any]:
-    """The task's loss (each term's sum over the weight of the whole batch) and its gradient, accumulated over
-    micro-batches: exactly the full-batch loss."""
+               grad_accum_steps: int) -> tuple[jax.Array, Metrics, Any]:
+    """The task's loss (each term's sum over the weight of the whole batch, plus its z-loss terms), the parts
+    logged beside it (train/z_loss) and the gradient, accumulated over micro-batches: exactly the full-batch
+    values."""
     totals = {name: jnp.maximum(weight, 1.0) for name, weight in task.loss_weights(batch).items()}
 
-    def loss_fn(p: Any, micro: Batch, key: jax.Array | None) -> jax.Array:
-        terms = task.loss_terms(apply_model(model, task, p, micro, key), micro)
-        return sum(loss_sum / totals[name] for name, (loss_sum, _) in terms.items())
+    def loss_fn(p: Any, micro: Batch, key: jax.Array | None) -> tuple[jax.Array, Metrics]:
+        outputs = apply_model(model, task, p, micro, key)
+        terms = task.loss_terms(outputs, micro)
+        loss = sum(loss_sum / totals[name] for name, (loss_sum, _) in terms.items())
+        z_terms = task.z_loss_terms(outputs, micro)  # empty with optimizer.z_loss=0: the program is unchanged
+        if not z_terms:
+            return loss, {}
+        z_loss = sum(z_sum / totals[name] for name, (z_sum, _) in z_terms.items())
+        return loss + z_loss, {"train/z_loss": z_loss}
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum_steps == 1:
-        return grad_fn(params, batch, dropout_key)
+        (loss, parts), grads = grad_fn(params, batch, dropout_key)
+        return loss, parts, grads
 
     def accumulate(carry, micro_and_index):
-        loss_sum, grad_sum = carry
         micro, index = micro_and_index
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-        loss, grads = grad_fn(params, micro, key)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        (loss, parts), grads = grad_fn(params, micro, key)
+        return jax.tree.map(jnp.add, carry, (loss, parts, grads)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
     micro_batches = _split_micro_batches(batch, grad_accum_steps)
-    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                    (micro_batches, jnp.arange(grad_accum_steps)))
-    return loss, grads
+    _, parts = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro_batches), dropout_key)
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), parts),
+             jax.tree.map(jnp.zeros_like, params))
+    (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(grad_accum_steps)))
+    return loss, parts, grads
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -91,14 +100,12 @@ def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformati
         dropout_key = None
         if use_dropout:
             dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        loss, grads = _gradients(model, task, state.params, batch, dropout_key, grad_accum_steps)
+        loss, loss_parts, grads = _gradients(model, task, state.params, batch, dropout_key, grad_accum_steps)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        trainable = grads if frozen is None else jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g,
-                                                               grads, frozen)
-        grad_norm = optax.tree.norm(trainable)
+        grad_norm = trainable_grad_norm(grads, frozen)  # frozen rows of scanned stacks are masks, not bools
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
-                   "train/learning_rate": schedule(state.step), "train/tokens": task.tokens(batch)}
+                   "train/learning_rate": schedule(state.step), "train/tokens": task.tokens(batch), **loss_parts}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         if skip_nonfinite:
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
