@@ -4,10 +4,11 @@
 
 JAX: the recipe's real train chunk (llm_jax.training.run.jit_train_chunk, `train.steps_per_dispatch` steps
 per call) is timed, then traced with jax.profiler; every XLA:CPU kernel (thunk) is put in a category by
-its kind (YNNPACK/dot = matmul, transpose/copy fusions) and, for the rest, by the model component in its
-HLO op_name (attention, norms, MLP activation, loss, optimizer). "busy" sums the kernels over XLA's worker
-threads; "idle + dispatch" is wall time x threads minus busy: time a core waits for a dependency or for
-the runtime to start the next kernel. PyTorch: the reference of benchmarks/torch_shakespeare_char.py,
+its kind (YNNPACK/dot = matmul, transpose/copy fusions, collectives) and, for the rest, by the model
+component in its HLO op_name (attention, norms, MLP activation, loss, optimizer). A category's time is its
+kernels' time summed over XLA's worker threads and divided by their number (so the rows add up to the traced
+step); "idle + dispatch" is the rest: time a core waits for a dependency or for the runtime to start the
+next kernel. PyTorch: the reference of benchmarks/torch_shakespeare_char.py,
 profiled with torch.profiler (self CPU time per aten op, grouped the same way; "Python + dispatch" is wall
 minus the ops' self time). The CPU model and its vector/matrix flags head the output.
 """
@@ -32,7 +33,8 @@ from llm_jax import xla_defaults  # noqa: E402  (importing llm_jax applies its X
 from llm_jax.provenance import cpu_model  # noqa: E402
 
 CATEGORIES = ("matmul", "attention (softmax, masks)", "norms", "MLP activation", "loss", "optimizer + clipping",
-              "copies / transposes", "other elementwise")
+              "copies / transposes", "collectives (gradient all-reduce)", "other elementwise")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 # op_name fragments (HLO metadata of JAX, module paths of Flax) -> category, first match wins
 COMPONENT_PATTERNS = (("_norm/", "norms"), ("/attention/", "attention (softmax, masks)"),
                       ("/mlp/", "MLP activation"), ("jvp(", "loss"), ("transpose(", "loss"))
@@ -78,6 +80,8 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
 def _category(kernel: str, op_names: list[str]) -> str:
     if kernel.startswith(("ynn_fusion", "dot", "onednn", "xnn")) or any(n.endswith("dot_general") for n in op_names[:1]):
         return "matmul"
+    if kernel.startswith(COLLECTIVES):  # their op_names are the gradients' (e.g. a norm scale's): check first
+        return "collectives (gradient all-reduce)"
     if kernel.startswith(("transpose", "copy", "bitcast_copy")):
         return "copies / transposes"
     joined = " ".join(op_names)
@@ -132,9 +136,10 @@ def profile_jax(config, chunks: int) -> dict:
                     threads.add(line.name)
                     busy[categories[event.name]] += event.duration_ns / 1e6 / (chunks * steps)
                     kernels += 1
+    per_core = {category: ms / len(threads) for category, ms in busy.items()}  # rows add up to the step's wall
     return {"ms_per_step": step_ms, "traced_ms_per_step": traced_ms, "threads": len(threads),
-            "kernels_per_step": kernels / (chunks * steps), "busy_ms": dict(busy),
-            "idle_ms": max(0.0, traced_ms * len(threads) - sum(busy.values()))}
+            "kernels_per_step": kernels / (chunks * steps), "busy_ms": per_core,
+            "idle_ms": max(0.0, traced_ms - sum(per_core.values()))}
 
 
 def profile_torch(steps: int) -> dict:

@@ -1,12 +1,12 @@
 """Training throughput, MFU and compile time against model width, through the real train command.
 
     python benchmarks/scaling_widths.py [--widths 128,256,512,1024] [--families decoder,encoder]
-                                        [--steps 15] [--json scaling_widths.json]
+                                        [--steps 15] [--cpu_devices -1] [--json scaling_widths.json]
 
 Each (family, width) trains `python -m llm_jax.train` for --steps updates at 4 layers, 128 tokens, head_dim
 64: the decoder on Tiny Shakespeare characters (experiments/shakespeare_char.py), the encoder as a BERT
 masked LM + NSP on WikiText-2 (experiments/bert_wikitext2.py, its SentencePiece tokenizer), dropout off in
-both. Tokens/s and train/mfu are the runs' own metrics (loss-bearing tokens: the encoder's padding is not
+both, the CPU split into one XLA device per core (`mesh.cpu_devices`, --cpu_devices). Tokens/s and train/mfu are the runs' own metrics (loss-bearing tokens: the encoder's padding is not
 counted), the median over the log windows after the first (warm-up) one; compile time is the run's own
 report. MFU is against this CPU's calibrated matmul peak (llm_jax.training.peak_flops), measured once
 here into a private cache that every run reads, and once more at the end to show the drift of a shared
@@ -58,7 +58,8 @@ def train_args(family: str, width: int, args: argparse.Namespace, workdir: str) 
             "--config.model.dropout=0.0", f"--config.data.seq_len={args.seq_len}",
             f"--config.train.batch_size={args.batch_size}", f"--config.train.steps={args.steps}",
             f"--config.train.steps_per_dispatch={per_dispatch}", f"--config.train.log_every={per_dispatch}",
-            "--config.train.eval_every=0", "--config.train.eval_steps=1", "--config.train.checkpoint_every=0"]
+            "--config.train.eval_every=0", "--config.train.eval_steps=1", "--config.train.checkpoint_every=0",
+            f"--config.mesh.cpu_devices={args.cpu_devices}"]
 
 
 def run_one(family: str, width: int, args: argparse.Namespace, env: dict[str, str]) -> dict:
@@ -70,7 +71,8 @@ def run_one(family: str, width: int, args: argparse.Namespace, env: dict[str, st
         if result.returncode != 0:
             raise SystemExit(f"{family} width {width} failed:\n{result.stderr[-3000:]}")
         records = [r for r in read_metrics(os.path.join(workdir, METRICS_FILENAME)) if "train/loss" in r]
-        peak = json.load(open(os.path.join(workdir, "config.json")))["provenance"]["peak_flops"]
+        where = json.load(open(os.path.join(workdir, "config.json")))["provenance"]
+        peak, devices = where["peak_flops"], where["devices"]["count"]  # mesh.cpu_devices may split the CPU
     measured = records[1:] or records  # the first window holds the warm-up dispatches
     compile_s = re.search(r"compile time ([\d.]+)s", result.stderr)
     params = re.search(r"model: ([\d,]+) parameters", result.stderr)
@@ -79,7 +81,8 @@ def run_one(family: str, width: int, args: argparse.Namespace, env: dict[str, st
     return {"family": family, "width": width, "heads": max(1, width // 64), "layers": args.layers,
             "params": int(params.group(1).replace(",", "")) if params else None,
             "tokens_per_second": tokens_per_s, "mfu": mfu,
-            "model_gflops_per_second": mfu * peak["flops_per_device"] / 1e9 if mfu is not None else None,
+            "devices": devices,
+            "model_gflops_per_second": mfu * peak["flops_per_device"] * devices / 1e9 if mfu is not None else None,
             "compile_seconds": float(compile_s.group(1)) if compile_s else None, "wall_seconds": wall,
             "peak_source": peak["source"], "windows": [{k: r[k] for k in r if k.startswith(("step", "train/"))}
                                                        for r in records]}
@@ -92,12 +95,12 @@ def markdown(cpu: dict, peaks: dict, rows: list[dict], args: argparse.Namespace)
              f"{peaks['after'] / 1e9:.1f} GFLOP/s (after); MFU is against the first",
              f"{args.layers} layers, head_dim 64, seq_len {args.seq_len}, batch {args.batch_size}, float32, "
              f"{args.steps} steps in dispatches of {args.steps_per_dispatch} (the first excluded)", "",
-             "| family | width | params | tokens/s | model GFLOP/s | MFU | compile s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| family | width | devices | params | tokens/s | model GFLOP/s | MFU | compile s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
         gflops = f"{row['model_gflops_per_second']:.1f}" if row["model_gflops_per_second"] is not None else "n/a"
-        lines.append(f"| {row['family']} | {row['width']} | {row['params']:,} | {row['tokens_per_second']:,.0f} | "
+        lines.append(f"| {row['family']} | {row['width']} | {row['devices']} | {row['params']:,} | {row['tokens_per_second']:,.0f} | "
                      f"{gflops} | {mfu} | {row['compile_seconds']:.1f} |")
     return "\n".join(lines)
 
@@ -110,6 +113,8 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--cpu_devices", type=int, default=-1, help="mesh.cpu_devices of every run (-1: one XLA "
+                        "device per core, data-parallel; 0: one device)")
     parser.add_argument("--steps_per_dispatch", type=int, default=5)
     parser.add_argument("--json", default="scaling_widths.json")
     args = parser.parse_args()

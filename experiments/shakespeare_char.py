@@ -33,11 +33,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         checkpoint_every=1000, steps_per_dispatch=20)
     config.optimizer.update(learning_rate=1e-3, schedule="cosine", warmup_steps=100, min_learning_rate=1e-4,
                             weight_decay=0.1, b1=0.9, b2=0.99, grad_clip_norm=1.0)
+    config.mesh.cpu_devices = -1  # on a CPU, one XLA device per core, each training its shard of the batch
     if variant == "quick":
         apply_model_size(config, "tiny")
         config.train.update(steps=60, log_every=20, eval_every=30, eval_steps=4, checkpoint_every=30,
                             steps_per_dispatch=10)
         config.optimizer.update(warmup_steps=10)
+        config.mesh.cpu_devices = 0  # the smoke run keeps one device (the suite's programs stay as they were)
     elif variant == "grain":
         config.data.update(pipeline="grain", split_by="blank_line")
     return apply_presets(config, presets)
