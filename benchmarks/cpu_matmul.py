@@ -19,7 +19,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from llm_jax.provenance import cpu_model  # noqa: E402  (importing llm_jax applies its XLA defaults)
+from llm_jax import host_cpu  # noqa: E402  (importing llm_jax applies its XLA defaults)
 
 # (m, k, n) of the recipe's forward and backward matmuls at batch 12 x 64 tokens, d_model 128
 SHAPES = ((768, 128, 128), (768, 128, 384), (768, 128, 512), (768, 512, 128), (128, 768, 512), (512, 768, 128),
@@ -29,7 +29,6 @@ REPEATS = 8
 
 def jax_gflops(m: int, k: int, n: int, dtype: str, calls: int) -> float:
     import jax
-    import jax.numpy as jnp
 
     keys = jax.random.split(jax.random.key(0), 2 * REPEATS)
     a = [jax.random.normal(keys[i], (m, k), dtype) for i in range(REPEATS)]
@@ -64,7 +63,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_model()}\nXLA_FLAGS: {os.environ.get('XLA_FLAGS', '')}\ndtype: {args.dtype}, "
+    print(f"CPU: {host_cpu.describe()}\nXLA_FLAGS: {os.environ.get('XLA_FLAGS', '')}\ndtype: {args.dtype}, "
           f"PyTorch {torch.__version__} with {args.threads} threads\n")
     print("| m x k x n | JAX GFLOP/s | PyTorch GFLOP/s | JAX / PyTorch |")
     print("| --- | --- | --- | --- |")

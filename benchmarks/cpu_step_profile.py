@@ -30,7 +30,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 from llm_jax import xla_defaults  # noqa: E402  (importing llm_jax applies its XLA defaults)
-from llm_jax.provenance import cpu_model  # noqa: E402
+from llm_jax import host_cpu  # noqa: E402
 
 CATEGORIES = ("matmul", "attention (softmax, masks)", "norms", "MLP activation", "loss", "optimizer + clipping",
               "copies / transposes", "collectives (gradient all-reduce)", "other elementwise")
@@ -50,7 +50,7 @@ TORCH_PATTERNS = (("mm", "matmul"), ("linear", "matmul"), ("scaled_dot_product",
 
 def cpu_description() -> str:
     """The CPU model, usable cores and the vector/matrix ISA flags that decide which kernels XLA and PyTorch pick."""
-    return f"{cpu_model()} ({xla_defaults.usable_cores()} usable cores)"
+    return host_cpu.describe()
 
 
 def hlo_categories(hlo_text: str) -> dict[str, str]:

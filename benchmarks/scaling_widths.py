@@ -28,26 +28,18 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # this checkout's llm_jax, wherever the script is started from
 
-from llm_jax.training import peak_flops  # noqa: E402  (importing llm_jax sets its default XLA_FLAGS)
+from llm_jax import host_cpu  # noqa: E402  (importing llm_jax sets its default XLA_FLAGS)
+from llm_jax.training import peak_flops  # noqa: E402
 from llm_jax.training.metrics import METRICS_FILENAME, read_metrics  # noqa: E402
 
 EXPERIMENTS = {"decoder": "experiments/shakespeare_char.py", "encoder": "experiments/bert_wikitext2.py"}
-MATRIX_FLAGS = re.compile(r"^(avx512\w*|amx\w*|avx_vnni|avx2|fma)$")
+
 
 
 def cpu_description() -> dict:
-    """lscpu's model name, cores and flags (from /proc/cpuinfo where lscpu is missing)."""
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
-    except (OSError, subprocess.CalledProcessError):
-        fields = {}
-    flags = fields.get("Flags", "").split()
-    if not flags and os.path.exists("/proc/cpuinfo"):
-        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return {"model": fields.get("Model name") or peak_flops.cpu_model_name(), "cores": peak_flops.usable_cores(),
-            "matrix_flags": [flag for flag in flags if MATRIX_FLAGS.match(flag)], "flags": flags,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    """The CPU model, usable cores and the ISA extensions XLA picks kernels by (llm_jax.host_cpu)."""
+    return {"model": host_cpu.model_name(), "cores": host_cpu.usable_cores(),
+            "matrix_flags": host_cpu.isa_extensions(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def train_args(family: str, width: int, args: argparse.Namespace, workdir: str) -> list[str]:

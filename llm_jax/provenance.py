@@ -11,6 +11,8 @@ from typing import Any
 
 import jax
 
+from llm_jax import host_cpu
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "numpy",
             "tensorflow-datasets", "sentencepiece", "grain")
 
@@ -35,22 +37,6 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def cpu_model() -> str:
-    """The host CPU's model name and its vector/matrix ISA extensions (what XLA:CPU picks kernels by)."""
-    name, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name in ("unknown", platform.processor()):
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags.update(f for f in value.split() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
-    except OSError:
-        pass
-    return " ".join([name, *sorted(flags)])
-
-
 def provenance(mesh_shape: dict[str, int], peak_flops: dict[str, Any] | None = None) -> dict[str, Any]:
     """Where and with what a run started; `peak_flops` (training only): the peak train/mfu divides by, its
     source (configured, table or calibrated) and dtype (llm_jax.training.peak_flops.Peak)."""
@@ -65,7 +51,7 @@ def provenance(mesh_shape: dict[str, int], peak_flops: dict[str, Any] | None = N
                     "process_count": jax.process_count()},
         "mesh": mesh_shape,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # llm_jax's CPU defaults and mesh.cpu_devices included
-        "cpu": cpu_model(),
+        "cpu": host_cpu.describe(),
     }
     if peak_flops is not None:
         where["peak_flops"] = peak_flops

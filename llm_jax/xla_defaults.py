@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
+from llm_jax import host_cpu
+
 CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "dot"}
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 VERIFIED_JAXLIB_MINOR = ((0, 10),)
@@ -41,13 +43,6 @@ def apply() -> None:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def cpu_device_count(requested: int, batch_size: int, grad_accum_steps: int, cores: int | None = None) -> int:
     """The CPU devices `mesh.cpu_devices=requested` asks for: -1 = the most devices, at most one per usable
     core, whose data shards each hold a whole number of micro-batch rows; 0 = XLA's default (1)."""
@@ -55,7 +50,7 @@ def cpu_device_count(requested: int, batch_size: int, grad_accum_steps: int, cor
         return requested
     if requested == 0:
         return 1
-    cores = cores or usable_cores()
+    cores = cores or host_cpu.usable_cores()
     return max(n for n in range(1, cores + 1) if batch_size % (n * grad_accum_steps) == 0)
 
 

@@ -27,7 +27,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import platform
 import tempfile
 import time
 from typing import Any
@@ -35,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from absl import logging
+
+from llm_jax import host_cpu
 
 CACHE_DIR_ENV = "LLM_JAX_CACHE_DIR"
 CALIBRATE_ENV = "LLM_JAX_CALIBRATE_PEAK"
@@ -139,28 +140,10 @@ def cache_path() -> str:
     return os.path.join(directory, CACHE_FILE)
 
 
-def cpu_model_name() -> str:
-    """/proc/cpuinfo's model name (what lscpu shows), else what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def calibration_key(dtype: str) -> dict[str, Any]:
     """What the measured peak depends on: a change in any of these measures again."""
-    return {"cpu": cpu_model_name(), "cores": usable_cores(), "jaxlib": importlib.metadata.version("jaxlib"),
+    return {"cpu": host_cpu.model_name(), "cores": host_cpu.usable_cores(),
+            "jaxlib": importlib.metadata.version("jaxlib"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "dtype": dtype, "size": CALIBRATION_SIZE}
 
 
