@@ -11,8 +11,8 @@ positions, LayerNorm, GELU, tied embeddings), parameters float32, compute bfloat
 compiles once, runs one untimed chunk of --chunk steps (lax.scan, as train.steps_per_dispatch), then
 --steps timed steps on one synthetic batch held on the devices (no input pipeline in the timing). MFU =
 tokens/s x model FLOPs per token (llm_jax.training.flops: 6 x forward MACs, causal attention counted as the
-lower triangle) / (peak bf16 FLOP/s per device x devices); the peak comes from llm_jax.training.peak_flops when
-that module exists, else a small table here (H100/H200 SXM 989 TFLOP/s dense bf16). A kernel that cannot run
+lower triangle) / (peak bf16 FLOP/s per device x devices), the peak from llm_jax.training.peak_flops's table of
+exact device kinds (H100/H200 SXM 989 TFLOP/s dense bf16). A kernel that cannot run
 (cudnn on CPU, out of memory) gets a row with its error instead of numbers.
 
 Bringing llm_jax's dependencies to a GPU image that lacks them (this project's H200 image has JAX, Flax, Optax,
@@ -60,7 +60,9 @@ from llm_jax.models.families import build_model  # noqa: E402
 from llm_jax.models.model_config import ModelConfig, build_model_config  # noqa: E402
 from llm_jax.sharding import batch_shardings, build_mesh, logical_rules, vocab_shard_sizes  # noqa: E402
 from llm_jax.tasks import build_task  # noqa: E402
+from llm_jax.training.flops import train_flops_per_token  # noqa: E402
 from llm_jax.training.optimizer import build_optimizer  # noqa: E402
+from llm_jax.training.peak_flops import resolve_peak  # noqa: E402
 from llm_jax.training.run import model_inputs_fn  # noqa: E402
 from llm_jax.training.state import abstract_params, init_state, state_shardings  # noqa: E402
 from llm_jax.training.steps import make_train_chunk, make_train_step  # noqa: E402
@@ -73,7 +75,6 @@ SHAPES: dict[str, dict[str, Any]] = {  # model keys, seq_len, batch_size
     "gpt_1.3b": dict(model=dict(num_layers=24, d_model=2048, num_heads=16, d_ff=8192), seq_len=2048, batch_size=8),
 }
 DRY_SHAPE = {"dry_tiny": dict(model=dict(num_layers=2, d_model=64, num_heads=4), seq_len=32, batch_size=8)}
-FALLBACK_PEAKS = {"NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H200": 989.4e12, "NVIDIA A100-SXM4-80GB": 312e12}
 
 
 def shape_config(shape: dict[str, Any], impl: str, num_devices: int) -> Any:
@@ -88,28 +89,13 @@ def shape_config(shape: dict[str, Any], impl: str, num_devices: int) -> Any:
 
 
 def peak_flops(cfg: ModelConfig) -> float | None:
-    """Peak FLOP/s of one device in the compute dtype (llm_jax's peak module when present, else FALLBACK_PEAKS)."""
-    try:
-        from llm_jax.training.peak_flops import resolve_peak
-        return resolve_peak(None, cfg.dtype).flops_per_device
-    except ImportError:
-        pass
-    try:
-        from llm_jax.training.flops import peak_flops_per_device
-        return peak_flops_per_device(None)
-    except ImportError:
-        return FALLBACK_PEAKS.get(jax.devices()[0].device_kind)
+    """Peak FLOP/s of one device in the compute dtype (llm_jax.training.peak_flops: the exact device-kind table)."""
+    return resolve_peak(None, cfg.dtype).flops_per_device
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Model training FLOPs per token: llm_jax's count, else 6 x (weights + causal attention) per token."""
-    try:
-        from llm_jax.training.flops import train_flops_per_token
-        return train_flops_per_token(cfg, seq_len)
-    except ImportError:
-        weights = cfg.num_layers * (4 * cfg.d_model * cfg.num_heads * cfg.head_dim + 2 * cfg.d_model * cfg.d_ff)
-        attention = cfg.num_layers * 2 * cfg.num_heads * cfg.head_dim * (seq_len + 1) / 2
-        return 6.0 * (weights + cfg.d_model * cfg.vocab_size + attention)
+    """Model training FLOPs per token (llm_jax.training.flops: 6 x forward MACs, causal attention as causal)."""
+    return train_flops_per_token(cfg, seq_len)
 
 
 def synthetic_batch(spec: dict[str, Any], chunk: int, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """JAX (llm_jax.train) against the PyTorch reference on the shakespeare_char recipe, in one run.
 
     pip install torch==2.13.0   # benchmark-only; the CPU build these machines hold
-    python benchmarks/shakespeare_char_throughput.py [--steps 2000] [--rounds 1]
+    python benchmarks/shakespeare_char_throughput.py [--steps 2000] [--rounds 1] [--json out.json]
 
 Each round trains both implementations for --steps (JAX first, then PyTorch) and prints their final
 validation loss over 200 batches and training throughput (tokens/s, compile and evaluation excluded; the
@@ -20,6 +20,7 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # this checkout's llm_jax, wherever the script is started from
 
+from llm_jax import host_cpu  # noqa: E402
 from llm_jax.training.metrics import METRICS_FILENAME, read_metrics  # noqa: E402
 
 
@@ -49,18 +50,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--eval_batches", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--json", default="", help="also write every round's results here")
     args = parser.parse_args()
+    print(f"CPU: {host_cpu.describe()}\nXLA_FLAGS (before llm_jax.train adds mesh.cpu_devices): "
+          f"{os.environ.get('XLA_FLAGS', '')}\n")
     print("| round | implementation | final val loss | train tokens/s | ms/step |")
     print("| --- | --- | --- | --- | --- |")
-    ratios = []
+    rounds = []
     for round_index in range(args.rounds):
         results = {"jax": run_jax(args.steps, args.eval_batches), "pytorch": run_torch(args.steps, args.eval_batches)}
         for name, result in results.items():
             tps = result["tokens_per_second"]
             print(f"| {round_index} | {name} | {result['final_val_loss']:.4f} | {tps:,.0f} | {768e3 / tps:.1f} |",
                   flush=True)
-        ratios.append(results["jax"]["tokens_per_second"] / results["pytorch"]["tokens_per_second"])
-    print(f"\nJAX / PyTorch throughput ratio per round: {', '.join(f'{r:.2f}' for r in ratios)}")
+        rounds.append({**results, "ratio": results["jax"]["tokens_per_second"] /
+                       results["pytorch"]["tokens_per_second"]})
+    ratios = ", ".join(f"{r['ratio']:.2f}" for r in rounds)
+    print(f"\nJAX / PyTorch throughput ratio per round: {ratios}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump({"cpu": host_cpu.describe(), "steps": args.steps, "rounds": rounds}, out, indent=1)
 
 
 if __name__ == "__main__":
