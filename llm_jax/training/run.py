@@ -9,6 +9,7 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import ml_collections
@@ -91,6 +92,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Seque
     _check_vocab(config, tokenizer)
     if saved_model_config is not None:  # a saved run read on another backend (cudnn-trained, CPU-evaluated) uses xla
         model_config = saved_model_config.replace(attention_impl=runnable_impl(saved_model_config))
+        if model_config.attention_impl != saved_model_config.attention_impl:
+            logging.info("model.attention_impl=%r does not run on the %s backend: using %r", saved_model_config
+                         .attention_impl, jax.default_backend(), model_config.attention_impl)
     else:
         model_config = build_model_config(config.model, tokenizer.vocab_size, vocab_shard_sizes(mesh_sizes, rules),
                                           task.heads(), task.num_labels(), padded_vocab_size=padded_vocab_size)
