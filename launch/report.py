@@ -1,12 +1,24 @@
-"""Summarises a sweep made by `launch.sweep`: a Markdown table, a CSV and the loss curves of every run.
+"""Summarises a sweep made by `launch.sweep`: a Markdown table, a CSV, the loss curves and scaling-law fits.
 
-    python -m launch.report --sweep_dir=runs/sweep
+    python -m launch.report runs/sweep                          # or --sweep_dir=runs/sweep
+    python -m launch.report runs/sweep --metrics=eval/accuracy,eval/f1
+    python -m launch.report runs/sweep --fit=params             # eval/loss = E + A * N^(-alpha); --fit=flops
 
 Reads SWEEP_DIR/sweep.json and each run's metrics.jsonl and sweep_run.json; writes SWEEP_DIR/report.md,
 SWEEP_DIR/report.csv and SWEEP_DIR/loss_curves.{png,svg,pdf}, and prints the table. Runs without metrics are
 "missing". The figure is titled with the experiment and its swept keys and has a panel of train loss and one of
 validation loss against step (a dot per run of its final validation loss when no run evaluated more than once);
 one colour per value of the first swept key, a marker and line style per value of the others.
+
+Columns: the final value (last logged) of each metric in --metrics; by default every metric any run logged
+except bookkeeping (data/*, learning rate, gradient norm, throughput, MFU, token and example counters, skipped
+updates: how a run went, not how good its model is), eval/* first, then other evaluated splits (eval_test/*),
+then train/*, each group with its loss first, then by name. So MLM, classification and seq2seq sweeps report
+their own metrics (eval/mlm_accuracy, eval/accuracy, eval/f1, ...) without a flag. A name no run logged is an
+error that lists the names the runs have.
+
+--fit=AXIS adds a scaling-law fit of --fit_metric (eval/loss) over the finished runs to report.md and the
+printout, and writes SWEEP_DIR/scaling_fit_AXIS.png; the fit and its axes are described in launch/scaling_fit.py.
 """
 
 from __future__ import annotations
@@ -20,11 +32,17 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
+from launch import scaling_fit as scaling_fit_lib
 from launch.sweep import RUN_FILE, SWEEP_FILE, SweepError, short_keys, format_value, is_finished, read_metrics
 from llm_jax.errors import UserError
 from llm_jax.training import run_record
 
-METRIC_COLUMNS = ("train/loss", "eval/loss", "eval/perplexity")
+DEFAULT_COLUMNS = ("eval/loss", "eval/perplexity", "train/loss")  # report_row's when given none
+# left out of the default columns (still available through --metrics): counters, throughput, optimizer state
+BOOKKEEPING_PREFIXES = ("data",)
+BOOKKEEPING_NAMES = ("learning_rate", "grad_norm", "tokens_per_second", "mfu", "tokens", "examples",
+                     "skipped_updates")
+FIT_METRIC = "eval/loss"  # what --fit fits unless --fit_metric says otherwise
 PLOT_STEM = "loss_curves"
 PLOT_FORMATS = ("png", "svg", "pdf")  # png to look at; svg and pdf (text kept as text) for papers and slides
 LOSS_UNITS = {"causal_lm": "nats per token", "masked_lm": "nats per masked token",
@@ -58,11 +76,6 @@ def override_keys(sweep: dict) -> list[str]:
     return list(dict.fromkeys(key for run in sweep["runs"] for key in run.get("overrides", {})))
 
 
-def _last(records: Sequence[dict], key: str) -> dict | None:
-    """The last record that holds `key`."""
-    return next((record for record in reversed(records) if key in record), None)
-
-
 def _status(workdir: str, records: Sequence[dict], run_info: dict | None) -> str:
     """finished (final eval logged), missing (no metrics) or incomplete, with the last attempt's failure if any."""
     if records and is_finished(workdir):
@@ -81,34 +94,83 @@ def _read_run_info(workdir: str) -> dict | None:
         return None
 
 
-def report_row(sweep_dir: str, run: dict, keys: Sequence[str]) -> dict[str, Any]:
-    """One table row: name, the run's override values, final metrics, steps, wall seconds and status."""
+def final_metrics(records: Sequence[dict]) -> dict[str, float]:
+    """Every scalar metric of a run at its last logged value (the last record that holds it)."""
+    finals: dict[str, float] = {}
+    for record in records:
+        finals.update({key: value for key, value in record.items() if "/" in key and isinstance(value, (int, float))
+                       and not isinstance(value, bool)})
+    return finals
+
+
+def is_bookkeeping(name: str) -> bool:
+    """Whether a metric says how a run went rather than how good its model is (left out of the default columns)."""
+    return (name.partition("/")[0] in BOOKKEEPING_PREFIXES
+            or name.rpartition("/")[2] in BOOKKEEPING_NAMES)
+
+
+def _metric_order(name: str) -> tuple[int, bool, str]:
+    """eval/* first, then other evaluated splits (eval_test/*), then train/*, then the rest; loss first in each."""
+    prefix, _, last = name.partition("/")
+    group = 0 if prefix == "eval" else 1 if prefix.startswith("eval_") else 2 if prefix == "train" else 3
+    return group, last != "loss", name
+
+
+def default_metrics(available: Sequence[str]) -> list[str]:
+    """The report's default columns: every non-bookkeeping metric the runs logged, in `_metric_order`."""
+    return sorted((name for name in available if not is_bookkeeping(name)), key=_metric_order)
+
+
+def choose_metrics(available: Sequence[str], requested: Sequence[str] | None, flag: str = "--metrics") -> list[str]:
+    """`requested` (checked against what the runs logged, when they logged any; errors name `flag`) or, when
+    None, `default_metrics(available)`."""
+    if requested is None:
+        return default_metrics(available)
+    unknown = [name for name in requested if name not in available]
+    if unknown and available:
+        raise SweepError(f"{flag}: no run logged {', '.join(unknown)}; the runs have: "
+                         f"{', '.join(sorted(available, key=_metric_order))}")
+    return list(requested)
+
+
+def report_row(sweep_dir: str, run: dict, keys: Sequence[str], metrics: Sequence[str] = DEFAULT_COLUMNS
+               ) -> dict[str, Any]:
+    """One table row: name, the run's override values, the final value of each of `metrics`, steps, wall seconds
+    and status."""
     workdir = os.path.join(sweep_dir, run["name"])
     records, info = read_metrics(workdir), _read_run_info(workdir)
     row: dict[str, Any] = {"name": run["name"]}
     row.update({key: run.get("overrides", {}).get(key) for key in keys})
-    train, evaluation = _last(records, "train/loss"), _last(records, "eval/loss")
-    row["train/loss"] = train["train/loss"] if train else None
-    row["eval/loss"] = evaluation["eval/loss"] if evaluation else None
-    row["eval/perplexity"] = evaluation.get("eval/perplexity") if evaluation else None
+    finals = final_metrics(records)
+    row.update({metric: finals.get(metric) for metric in metrics})
     row["steps"] = max(record["step"] for record in records) if records else None
     row["wall_seconds"] = info.get("total_wall_seconds", info.get("wall_seconds")) if info else None
     row["status"] = _status(workdir, records, info)
     return row
 
 
-def build_report(sweep_dir: str) -> list[dict]:
-    """One row per run of the sweep in `sweep_dir` (see `report_row`)."""
+def sweep_metrics(sweep_dir: str, sweep: dict) -> list[str]:
+    """Every metric name any run of the sweep logged."""
+    names: dict[str, None] = {}
+    for run in sweep["runs"]:
+        names.update(dict.fromkeys(final_metrics(read_metrics(os.path.join(sweep_dir, run["name"])))))
+    return list(names)
+
+
+def build_report(sweep_dir: str, metrics: Sequence[str] | None = None) -> list[dict]:
+    """One row per run of the sweep in `sweep_dir` (see `report_row`), with `metrics` as columns (None: the
+    default columns, see `default_metrics`); a metric no run logged is a SweepError listing those they did."""
     sweep = load_sweep(sweep_dir)
     keys = override_keys(sweep)
-    return [report_row(sweep_dir, run, keys) for run in sweep["runs"]]
+    columns = choose_metrics(sweep_metrics(sweep_dir, sweep), metrics)
+    return [report_row(sweep_dir, run, keys, columns) for run in sweep["runs"]]
 
 
 def _cell(column: str, value: Any) -> str:
     """A Markdown cell: metrics to 4 decimals, wall seconds to 1, override values as on the command line."""
     if value is None:
         return ""
-    if column in METRIC_COLUMNS and isinstance(value, float):
+    if "/" in column and isinstance(value, float):  # metric names have a slash, swept keys dots
         return f"{value:.4f}"
     if column == "wall_seconds" and isinstance(value, float):
         return f"{value:.1f}"
@@ -149,11 +211,15 @@ class RunCurves:
     evals: list[tuple[int, float]]
 
 
+def experiment_name(sweep: dict) -> str:
+    """'shakespeare_char:quick': the experiment file's name and variant."""
+    experiment = os.path.splitext(os.path.basename(sweep.get("experiment") or sweep.get("config") or "sweep"))[0]
+    return experiment + (f":{sweep['variant']}" if sweep.get("variant") else "")
+
+
 def sweep_title(sweep: dict, keys: Sequence[str]) -> str:
     """'shakespeare_char:quick: sweep of optimizer.learning_rate × model.d_model (6 runs)'."""
-    experiment = os.path.splitext(os.path.basename(sweep.get("experiment") or sweep.get("config") or "sweep"))[0]
-    if sweep.get("variant"):
-        experiment += f":{sweep['variant']}"
+    experiment = experiment_name(sweep)
     swept = " × ".join(keys) if keys else "no swept keys"
     return f"{experiment}: sweep of {swept} ({len(sweep['runs'])} runs)"
 
@@ -304,14 +370,51 @@ def plot_loss_curves(sweep_dir: str, sweep: dict, stem: str) -> list[str]:
     return paths
 
 
-def write_report(sweep_dir: str) -> str:
-    """Writes report.md, report.csv and loss_curves.{png,svg,pdf} into `sweep_dir`; returns the Markdown table."""
-    rows = build_report(sweep_dir)
+def _finished_values(sweep_dir: str, sweep: dict, metric: str) -> tuple[list[str], list[float | None]]:
+    """(run names, the final `metric` of each run that finished, None for the others)."""
+    names, values = [], []
+    for run in sweep["runs"]:
+        workdir = os.path.join(sweep_dir, run["name"])
+        records = read_metrics(workdir)
+        names.append(run["name"])
+        values.append(final_metrics(records).get(metric) if records and is_finished(workdir) else None)
+    return names, values
+
+
+def scaling_fit(sweep_dir: str, sweep: dict, axis: str, metric: str = FIT_METRIC) -> tuple[str, str]:
+    """Fits `metric` = E + A * x^(-alpha) over the sweep's finished runs, x from FIT_AXES[axis]; writes
+    SWEEP_DIR/scaling_fit_AXIS.png and returns (the fit's Markdown, the PNG path)."""
+    if axis not in scaling_fit_lib.FIT_AXES:
+        raise SweepError(f"--fit={axis}: choose one of {', '.join(scaling_fit_lib.FIT_AXES.names())}")
+    available = sweep_metrics(sweep_dir, sweep)
+    if not available:
+        raise SweepError(f"--fit: no run of {sweep_dir} has metrics yet; run the sweep first")
+    choose_metrics(available, [metric], "--fit_metric")
+    names, values = _finished_values(sweep_dir, sweep, metric)
+    try:
+        fit, used = scaling_fit_lib.fit_sweep_runs(sweep_dir, names, axis, values)
+    except scaling_fit_lib.FitError as error:
+        unfinished = sum(value is None for value in values)
+        left_out = (f" ({unfinished} of the {len(names)} runs of {sweep_dir} have not finished or did not log "
+                    f"{metric})") if unfinished else ""
+        raise SweepError(f"{error}{left_out}") from None
+    path = scaling_fit_lib.plot_fit(fit, axis, metric, os.path.join(sweep_dir, f"scaling_fit_{axis}.png"),
+                                    f"{experiment_name(sweep)}: {metric} against "
+                                    f"{scaling_fit_lib.FIT_AXES.get(axis).label} ({len(used)} runs)")
+    return scaling_fit_lib.fit_markdown(fit, used, axis, metric), path
+
+
+def write_report(sweep_dir: str, metrics: Sequence[str] | None = None, fit: str | None = None,
+                 fit_metric: str = FIT_METRIC) -> str:
+    """Writes report.md, report.csv and loss_curves.{png,svg,pdf} into `sweep_dir` (with `fit`, also the scaling
+    fit's section of report.md and scaling_fit_FIT.png); returns the Markdown printed: the table and the fit."""
+    rows = build_report(sweep_dir, metrics)
     table = markdown_table(rows)
     sweep = load_sweep(sweep_dir)
+    fit_text = "\n" + scaling_fit(sweep_dir, sweep, fit, fit_metric)[0] if fit else ""
     with open(os.path.join(sweep_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(f"# Sweep {sweep.get('config', '')}\n\nextra train arguments: "
-                f"`{' '.join(sweep.get('extra_args', [])) or '(none)'}`\n\n{table}")
+                f"`{' '.join(sweep.get('extra_args', [])) or '(none)'}`\n\n{table}{fit_text}")
     write_csv(rows, os.path.join(sweep_dir, "report.csv"))
     try:
         import matplotlib  # noqa: F401
@@ -319,26 +422,35 @@ def write_report(sweep_dir: str) -> str:
         raise SweepError(f"wrote report.md and report.csv in {sweep_dir}, but the {PLOT_STEM} plots need "
                          "matplotlib: pip install matplotlib") from None
     plot_loss_curves(sweep_dir, sweep, os.path.join(sweep_dir, PLOT_STEM))
-    return table
+    return table + fit_text
 
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program)."""
-    flags.DEFINE_string("sweep_dir", None, "directory written by launch.sweep (holds sweep.json)")
-    flags.mark_flags_as_required(["sweep_dir"])
+    flags.DEFINE_string("sweep_dir", None, "directory written by launch.sweep (holds sweep.json); also accepted "
+                        "as the one positional argument")
+    flags.DEFINE_list("metrics", None, "metric columns, e.g. eval/accuracy,eval/f1 (default: every metric the runs "
+                      "logged but bookkeeping such as learning rate, throughput and token counts; eval/* first)")
+    flags.DEFINE_enum("fit", None, scaling_fit_lib.FIT_AXES.names(), "fit METRIC = E + A * N^(-alpha) over the "
+                      "finished runs, N = non-embedding parameters (params) or training FLOPs (flops)")
+    flags.DEFINE_string("fit_metric", FIT_METRIC, "the final metric --fit fits")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    sweep_dir = flags.FLAGS.sweep_dir
+    if len(argv) > 2 or (len(argv) == 2 and flags.FLAGS.sweep_dir):
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; give the sweep directory once")
+    sweep_dir = flags.FLAGS.sweep_dir or (argv[1] if len(argv) == 2 else None)
+    if not sweep_dir:
+        raise app.UsageError("give the sweep directory: python -m launch.report SWEEP_DIR (or --sweep_dir=SWEEP_DIR)")
+    f = flags.FLAGS
     try:
-        table = write_report(sweep_dir)
-    except SweepError as error:
+        text = write_report(sweep_dir, f.metrics, f.fit, f.fit_metric)
+    except UserError as error:
         raise SystemExit(f"error: {error}") from None
-    print(table, end="")
+    print(text, end="")
     plots = ", ".join(f"{PLOT_STEM}.{extension}" for extension in PLOT_FORMATS)
-    print(f"wrote {os.path.join(sweep_dir, 'report.md')}, report.csv, {plots}")
+    fitted = f", scaling_fit_{f.fit}.png" if f.fit else ""
+    print(f"wrote {os.path.join(sweep_dir, 'report.md')}, report.csv, {plots}{fitted}")
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def test_report_lists_runs_metrics_and_plots(swept):
         assert row["eval/loss"] == final_eval_loss(sweep_dir / row["name"])
         assert row["steps"] == 10 and row["status"] == "finished" and row["wall_seconds"] > 0
     markdown = (sweep_dir / "report.md").read_text()
-    assert "| name | optimizer.learning_rate | train/loss | eval/loss |" in markdown
+    assert "| name | optimizer.learning_rate | eval/loss | eval/perplexity | eval/token_accuracy | train/loss |" in markdown
     assert all(name in markdown and name in result.stdout for name in NAMES)
     assert f"{rows[0]['eval/loss']:.4f}" in markdown
     with open(sweep_dir / "report.csv", newline="") as f:
