@@ -148,6 +148,46 @@ class LoadedModel:
                              "logits need an mlm or lm head, e.g. a BertForPreTraining import")
         return self._run(texts, head)[..., :self.model_config.vocab_size]
 
+    # ------------------------------------------------------------------------- decoding (causal LMs)
+
+    def _engine(self) -> Any:
+        from llm_jax.decoding import text
+
+        if not hasattr(self, "_decoding_engine"):
+            self._decoding_engine = text.engine_for(self.model_config, self.tokenizer)
+        return self._decoding_engine
+
+    def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 200, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, beam_size: int = 1, length_penalty: float = 0.0,
+                 seed: int = 0) -> str | list[str]:
+        """The continuation (without the prompt) of a prompt, or of each prompt of a list, by the KV-cache engine
+        (llm_jax.decoding.engine): greedy (temperature 0), sampling, or beam search (beam_size > 1)."""
+        import flax.linen as nn
+        from llm_jax.decoding import text
+        from llm_jax.decoding.engine import DecodeOptions
+
+        options = DecodeOptions(max_new_tokens, temperature, top_k, top_p, beam_size, length_penalty, seed).check()
+        single = isinstance(prompts, str)
+        prompt_list = [prompts] if single else list(prompts)
+        engine = self._engine()
+        prompts_ids = text.encode_prompts(self.tokenizer, prompt_list)
+        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+            completions = text.generate_texts(engine, self.params, self.tokenizer, prompts_ids, options)
+        return completions[0] if single else completions
+
+    def score(self, prompts: str | Sequence[str], continuations: str | Sequence[str]) -> np.ndarray | list[np.ndarray]:
+        """log p of each token of each continuation given its prompt (float32 arrays, one per pair; the
+        continuation's log-likelihood is their sum), from one forward pass per batch."""
+        import flax.linen as nn
+        from llm_jax.decoding import text
+
+        single = isinstance(prompts, str)
+        prompt_list = [prompts] if single else list(prompts)
+        continuation_list = [continuations] if isinstance(continuations, str) else list(continuations)
+        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+            scores = text.score_texts(self._engine(), self.params, self.tokenizer, prompt_list, continuation_list)
+        return scores[0] if single else scores
+
 
 def load(workdir: str) -> LoadedModel:
     """The model of a work directory (a training run, or an import by llm_jax.convert) at its latest

@@ -1,6 +1,8 @@
-"""Autoregressive sampling with temperature, top-k and top-p over a sliding window of max_len tokens.
+"""Top-k / top-p filtering (used by the decoding engine) and the reference sampler without a cache.
 
-A simple sampler: every new token re-reads the whole window (no KV cache), with one compiled shape.
+`sample` re-reads the whole window of max_len tokens for every new token (no KV cache, one compiled shape):
+generate and the Python API use `llm_jax.decoding.engine`; this one stays as the uncached baseline of
+benchmarks/decode_latency.py and of the tests.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ The mask comes from (query segment ids, key segment ids, causal or not): the sam
 self-attention in a decoder, bidirectional self-attention in an encoder, and cross-attention when the keys
 come from another sequence. Position schemes may rotate queries and keys or add a bias to the logits
 (`models.positions`).
+
+Decoding (`llm_jax.decoding.engine`) runs self-attention with a mutable Flax "cache" collection: each layer
+keeps `cached_key` [B, K, H, S] and `cached_value` [B, K, S, H] for S cache slots, a token's keys are written
+at the slot equal to its position (rows are right-padded, so position == slot), and queries read every slot at
+or before their own position. Without a mutable cache the program is the training program, unchanged.
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ class MultiHeadAttention(nn.Module):
             q_BTNH = rotate(q_BTNH, positions_BT, cfg.rope_base)
             k_BSKH = rotate(k_BSKH, kv_positions_BS, cfg.rope_base)
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "seq", "act_heads", None))
+        if self_attention and self.is_mutable_collection("cache"):
+            out_BTNH = self._cached_attend(q_BTNH, k_BSKH, v_BSKH, positions_BT)
+            return Projection(cfg, "btnh,nhd->btd", (N, H, D), ("heads", "head_dim", "embed"), cfg.residual_init_std,
+                              1, name="out")(out_BTNH)
         k_BSKH = nn.with_logical_constraint(k_BSKH, ("batch", "seq", "act_kv_heads", None))
         v_BSKH = nn.with_logical_constraint(v_BSKH, ("batch", "seq", "act_kv_heads", None))
         attend = ATTENTION_KERNELS.get(cfg.attention_impl).attend
@@ -77,3 +86,39 @@ class MultiHeadAttention(nn.Module):
         out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "seq", "act_heads", None))
         return Projection(cfg, "btnh,nhd->btd", (N, H, D), ("heads", "head_dim", "embed"), cfg.residual_init_std,
                           1, name="out")(out_BTNH)
+
+    def _cached_attend(self, q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+                       positions_BT: jax.Array) -> jax.Array:
+        """Writes this call's keys/values into the cache at their positions and attends over the cache slots at
+        or before each query's position.
+
+        Keys are cached as [B, K, H, S] and values as [B, K, S, H]: the fastest of the layouts measured on
+        XLA:CPU (benchmarks/decode_latency.py: 2.1 ms/token at 1280 slots, against 3.0 with
+        jax.nn.dot_product_attention over [B, S, K, H], which made XLA transpose the whole cache every step).
+        The first call, when the cache does not exist yet, creates it with T slots: the engine traces the model
+        once with a [B, S] input under jax.eval_shape to get the cache's shapes."""
+        cfg = self.config
+        B, T, K, H = k_BTKH.shape
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, (B, K, H, T), k_BTKH.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, (B, K, T, H), v_BTKH.dtype)
+        S = cached_v.value.shape[2]
+        rows_B1 = jnp.arange(B)[:, None]
+        # advanced indices split by slices: the update's axes are (B, T) then the sliced ones, (K, H)
+        cached_k.value = cached_k.value.at[rows_B1, :, :, positions_BT].set(k_BTKH.astype(cached_k.value.dtype),
+                                                                         mode="drop")
+        cached_v.value = cached_v.value.at[rows_B1, :, positions_BT].set(v_BTKH.astype(cached_v.value.dtype),
+                                                                         mode="drop")
+        G = q_BTNH.shape[2] // K  # query heads per key/value head
+        q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+        logits_BKGTS = jnp.einsum("btkgh,bkhs->bkgts", q_BTKGH, cached_k.value,
+                                  preferred_element_type=jnp.float32) * (H ** -0.5)
+        slots_S = jnp.arange(S)
+        bias_module = POSITIONALS.get(cfg.positional).attention_bias
+        if bias_module is not None:  # parameter-free biases (alibi) only: recomputed against the cache slots
+            bias_BNTS = bias_module(cfg, parent=None)(positions_BT, jnp.broadcast_to(slots_S, (B, S)))
+            logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(B, K, G, T, S).astype(jnp.float32)
+        visible_B11TS = (slots_S[None, None, :] <= positions_BT[:, :, None])[:, None, None]
+        logits_BKGTS = jnp.where(visible_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(cached_v.value.dtype)
+        out_BTKGH = jnp.einsum("bkgts,bksh->btkgh", probs_BKGTS, cached_v.value)
+        return out_BTKGH.reshape(B, T, K * G, H).astype(q_BTNH.dtype)

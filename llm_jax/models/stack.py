@@ -91,7 +91,8 @@ def scanned_blocks(cfg: ModelConfig, x_BTD: jax.Array, inputs: dict[str, Any], d
     """One nn.scan over a Block (under the model.remat policy) whose parameters are stacked on a leading
     `layers` axis; `inputs` is broadcast to every layer, parameters and dropout get a key per layer."""
     block = remat_block(StackBlock, cfg.remat, scanned=True)
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+    # "cache": the decoding engine's per-layer key/value cache, stacked on the same leading layers axis
+    stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast,), length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     x_BTD, _ = stack(cfg, causal, cross, deterministic, name=layer_layout.SCANNED)(x_BTD, inputs)
     return x_BTD
