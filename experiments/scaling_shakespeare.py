@@ -2,6 +2,7 @@
 
     python -m launch.sweep --config=experiments/scaling_shakespeare.py --sweep_dir=sweeps/scaling
     python -m launch.report sweeps/scaling --fit=params          # eval/loss = E + A * N^(-alpha)
+    python -m llm_jax.train --config=experiments/scaling_shakespeare.py:quick --workdir=/tmp/scaling_quick
 
 Every run is experiments/shakespeare_char.py (character-level GPT on Tiny Shakespeare, learned positions,
 LayerNorm, GELU, tied embeddings) at depth 2 and a width d_model in WIDTHS (heads 16 wide; one head below 32),
@@ -11,7 +12,7 @@ reads, the blocks' weight matrices: 2 layers x 12 d_model^2 (4 d^2 in attention,
 compute-optimal ratio (Hoffmann et al. 2022), so train.steps = ceil(20 N / (batch_size x seq_len)): 160 to
 10240 steps of 768 tokens, 16.3M tokens in all. Learning rate, warmup (5% of the steps) and the cosine decay to
 a tenth are those of the recipe; one evaluation of 40 batches at the end, no checkpoints. To try the pipeline
-on the smallest size only: `--only=d_model=16` (seconds). From d_model 64 on the runs see the ~1M training
+on the smallest size only: `--only=d_model=16` (seconds), or train it alone with the `quick` variant. From d_model 64 on the runs see the ~1M training
 characters more than once (d_model 128: about 8 epochs, train loss 1.36 against eval 1.58).
 
 Measured once (2 shared cores of an Intel Xeon, 606 s for the sweep): eval/loss 3.33 at 6k to 1.58 at 393k
@@ -29,6 +30,7 @@ import ml_collections
 
 from configs.presets import apply_presets, parse_variant
 
+VARIANTS = ("quick",)
 WIDTHS = (16, 24, 32, 48, 64, 96, 128)
 NUM_LAYERS = 2
 HEAD_DIM = 16
@@ -57,10 +59,11 @@ def train_steps(d_model: int, tokens_per_param: float = TOKENS_PER_PARAM) -> int
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The recipe at depth NUM_LAYERS and a middle width (`size=` presets apply last); the sweep sets the width."""
-    _, presets = parse_variant(arg, "scaling_shakespeare", ())
+    """The recipe at depth NUM_LAYERS and a middle width (`quick`: the smallest; `size=` presets apply last); the
+    sweep sets the width."""
+    variant, presets = parse_variant(arg, "scaling_shakespeare", VARIANTS)
     config = _shakespeare_char().get_config()
-    width = WIDTHS[len(WIDTHS) // 2]
+    width = WIDTHS[0] if variant == "quick" else WIDTHS[len(WIDTHS) // 2]
     config.model.update(num_layers=NUM_LAYERS, **_width_keys(width))
     config.data.update(seq_len=SEQ_LEN)
     steps = train_steps(width)
