@@ -132,6 +132,20 @@ def run_updates(tx, params, grads_list):
     return run(params, grads_list)
 
 
+def window_config(seq_len: int, batch_size: int, steps: int):
+    """The `test`-size decoder on random windows of seq_len tokens, one device: the train-step tests' config."""
+    from configs.model_sizes import apply_model_size
+    from llm_jax import config as config_lib
+
+    config = config_lib.default_config()
+    apply_model_size(config, "test")
+    config.model.update(max_len=seq_len)
+    config.data.update(seq_len=seq_len, pipeline="windows")
+    config.train.update(batch_size=batch_size, steps=steps)
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    return config
+
+
 def random_text_run(tmp_path_factory, config):
     """A one-device run of `config` (its data.path is set here) on 5,000 random characters: the tiny corpus
     of the train-step tests."""

@@ -7,8 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import random_text_run
-from configs.model_sizes import apply_model_size
+from conftest import random_text_run, window_config
 from llm_jax import config as config_lib
 from llm_jax.models.families import build_model
 from llm_jax.sharding import batch_sharding
@@ -22,13 +21,8 @@ LR, MIN_LR, WARMUP = 1e-3, 1e-4, 2
 
 
 def _config():
-    config = config_lib.default_config()
-    apply_model_size(config, "test")
-    config.model.update(max_len=SEQ_LEN)
-    config.data.update(seq_len=SEQ_LEN, pipeline="windows")
-    config.train.update(batch_size=BATCH, steps=CHUNK)
+    config = window_config(SEQ_LEN, BATCH, CHUNK)
     config.optimizer.update(schedule="cosine", learning_rate=LR, min_learning_rate=MIN_LR, warmup_steps=WARMUP)
-    config.mesh.update(data=1, fsdp=1, tensor=1)
     return config
 
 

@@ -12,8 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import random_text_run
-from configs.model_sizes import apply_model_size
+from conftest import random_text_run, window_config
 from llm_jax import config as config_lib
 from llm_jax.errors import ConfigError
 from llm_jax.tasks import TASKS, build_task
@@ -26,13 +25,7 @@ Z = 1e-2
 
 
 def _config():
-    config = config_lib.default_config()
-    apply_model_size(config, "test")
-    config.model.update(max_len=SEQ_LEN)
-    config.data.update(seq_len=SEQ_LEN, pipeline="windows")
-    config.train.update(batch_size=BATCH, steps=4)
-    config.mesh.update(data=1, fsdp=1, tensor=1)
-    return config
+    return window_config(SEQ_LEN, BATCH, steps=4)
 
 
 @pytest.fixture(scope="module")
