@@ -64,3 +64,9 @@ def split_cpu(requested: int, batch_size: int, grad_accum_steps: int) -> int | N
         return None
     os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
     return count
+
+
+def without_device_count(flags: str) -> str:
+    """`flags` (XLA_FLAGS) less the CPU device count: what a host-wide measurement such as the CPU peak
+    depends on (splitting the CPU into devices leaves the cores and their kernels as they were)."""
+    return " ".join(flag for flag in flags.split() if not flag.startswith(DEVICE_COUNT_FLAG))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 import math
 import time
@@ -235,6 +236,10 @@ def test_cpu_calibration_is_cached_per_machine_flags_and_dtype(calibration, tmp_
     assert peak_flops.resolve_peak(None, "float32") == first and len(calibration) == 1, "a hit measures nothing"
     peak_flops.resolve_peak(None, "bfloat16")
     assert calibration[-1] == (2048, "bfloat16"), "another dtype is another measurement"
+    flags = os.environ.get("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", f"{flags} --xla_force_host_platform_device_count=3")
+    peak_flops.resolve_peak(None, "float32")
+    assert len(calibration) == 2, "splitting the CPU into devices (mesh.cpu_devices) keeps the host's peak"
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_some_other_setting=1")
     peak_flops.resolve_peak(None, "float32")
     assert len(calibration) == 3, "other XLA flags measure again"

@@ -8,7 +8,7 @@ Where the peak comes from, in this order (recorded as `source` in DIR/config.jso
               GPUs; one bf16 pass on TPUs);
   calibrated  on CPU: a jitted CALIBRATION_SIZE^2 matmul in the compute dtype, timed once per machine and
               cached in $LLM_JAX_CACHE_DIR (default ~/.cache/llm_jax)/peak_flops.json, keyed by CPU model,
-              usable cores, jaxlib version, XLA_FLAGS and dtype. The host's peak is shared by its local
+              usable cores, jaxlib version, XLA_FLAGS (less the CPU device count) and dtype. The host's peak is shared by its local
               devices (--xla_force_host_platform_device_count splits the same cores).
 Any other device kind gets no train/mfu and one warning naming the kind and train.peak_flops_per_device.
 LLM_JAX_CALIBRATE_PEAK=0 turns calibration off (the test suite sets it: its runs measure no peak).
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from llm_jax import host_cpu
+from llm_jax import host_cpu, xla_defaults
 
 CACHE_DIR_ENV = "LLM_JAX_CACHE_DIR"
 CALIBRATE_ENV = "LLM_JAX_CALIBRATE_PEAK"
@@ -144,7 +144,8 @@ def calibration_key(dtype: str) -> dict[str, Any]:
     """What the measured peak depends on: a change in any of these measures again."""
     return {"cpu": host_cpu.model_name(), "cores": host_cpu.usable_cores(),
             "jaxlib": importlib.metadata.version("jaxlib"),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "dtype": dtype, "size": CALIBRATION_SIZE}
+            "xla_flags": xla_defaults.without_device_count(os.environ.get("XLA_FLAGS", "")), "dtype": dtype,
+            "size": CALIBRATION_SIZE}
 
 
 def time_matmul(size: int, dtype: str, budget_s: float = CALIBRATION_BUDGET_S) -> float:
