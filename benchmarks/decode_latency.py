@@ -34,7 +34,7 @@ from configs.model_sizes import apply_model_size  # noqa: E402
 from llm_jax import config as config_lib  # noqa: E402
 from llm_jax import host_cpu  # noqa: E402
 from llm_jax.decoding.engine import DecodeOptions, build_engine  # noqa: E402
-from llm_jax.decoding.sampling import SamplingConfig, lm_logits, make_next_token  # noqa: E402
+from llm_jax.decoding.sampling import lm_logits, make_next_token  # noqa: E402
 from llm_jax.models.families import build_model  # noqa: E402
 from llm_jax.models.model_config import build_model_config  # noqa: E402
 
@@ -72,7 +72,7 @@ def cached_latency(engine, params) -> dict[int, float]:
 
 
 def uncached_latency(model, params) -> dict[int, float]:
-    next_token = make_next_token(lm_logits(model), VOCAB, SamplingConfig(temperature=0.0))
+    next_token = make_next_token(lm_logits(model), VOCAB, DecodeOptions(temperature=0.0))
     window_1L = np.random.default_rng(0).integers(0, VOCAB, size=(1, MAX_LEN)).astype(np.int32)
     key = jax.random.key(0)
     return {n: timed(lambda: int(next_token(params, window_1L, np.int32(PROMPT + n), key)), repeats=8)

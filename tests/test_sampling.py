@@ -11,7 +11,8 @@ import pytest
 
 from configs.model_sizes import apply_model_size
 from llm_jax import config as config_lib
-from llm_jax.decoding.sampling import SamplingConfig, filter_logits, lm_logits, sample
+from llm_jax.decoding.options import DecodeOptions
+from llm_jax.decoding.sampling import filter_logits, lm_logits, sample
 from llm_jax.models.families import build_model
 from llm_jax.models.model_config import build_model_config
 
@@ -99,7 +100,7 @@ def model_and_params():
 def _sample(model_and_params, prompt, **sampling):
     model, params = model_and_params
     return sample(lm_logits(model), params, prompt, max_len=MAX_LEN, vocab_size=VOCAB,
-                  sampling=SamplingConfig(**sampling))
+                  sampling=DecodeOptions(**sampling))
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def test_every_new_token_gets_its_own_random_draw():
     # uniform over the 20 real ids; the 12 padded rows have huge logits and must be cut off by vocab_size
     logits = np.concatenate([np.zeros(VOCAB), np.full(12, 50.0)])
     tokens = sample(_constant_logits_apply(logits), {}, [0], max_len=MAX_LEN, vocab_size=VOCAB,
-                    sampling=SamplingConfig(max_new_tokens=60, temperature=1.0, seed=0))[1:]
+                    sampling=DecodeOptions(max_new_tokens=60, temperature=1.0, seed=0))[1:]
     assert all(0 <= t < VOCAB for t in tokens)
     assert len(set(tokens)) >= 10, f"draws are not independent across steps: {tokens}"
 
@@ -176,7 +177,7 @@ def test_temperature_sharpens_and_flattens():
 
     def frequency_of_3(temperature):
         tokens = sample(_constant_logits_apply(logits), {}, [0], max_len=MAX_LEN, vocab_size=VOCAB,
-                        sampling=SamplingConfig(max_new_tokens=100, temperature=temperature, seed=0))[1:]
+                        sampling=DecodeOptions(max_new_tokens=100, temperature=temperature, seed=0))[1:]
         return tokens.count(3) / len(tokens)
 
     assert frequency_of_3(0.1) > 0.95  # p = 1 / (1 + 19 e^-20)

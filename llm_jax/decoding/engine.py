@@ -31,7 +31,6 @@ Shape letters: B rows, W beams, P prompt bucket, S cache slots, N new tokens, V 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -39,45 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax.decoding.options import DecodeOptions
 from llm_jax.decoding.sampling import filter_logits
 from llm_jax.errors import ConfigError
 from llm_jax.registry import Registry
 
 PROMPT_BUCKET, CACHE_BUCKET = 16, 128
 MAX_ROWS = 64  # prompts decoded together; more are decoded in batches of this many
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeOptions:
-    """How to decode; `check` names the CLI flag of a value that cannot decode."""
-
-    max_new_tokens: int = 200
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    beam_size: int = 1  # 1 = greedy/sampling
-    length_penalty: float = 0.0  # GNMT alpha of beam search
-    seed: int = 0
-
-    def check(self) -> "DecodeOptions":
-        problems = [(self.max_new_tokens >= 1, f"--max_new_tokens={self.max_new_tokens}: generate at least 1 token"),
-                    (math.isfinite(self.temperature) and self.temperature >= 0,
-                     f"--temperature={self.temperature}: give a temperature >= 0 (0 = greedy)"),
-                    (self.top_k >= 0, f"--top_k={self.top_k}: give k >= 0 (0 = every token)"),
-                    (0 < self.top_p <= 1, f"--top_p={self.top_p}: give a probability mass in (0, 1] (1 = off)"),
-                    (self.beam_size >= 1, f"--beam_size={self.beam_size}: give a beam size >= 1 (1 = no beam search)"),
-                    (math.isfinite(self.length_penalty) and self.length_penalty >= 0,
-                     f"--length_penalty={self.length_penalty}: give alpha >= 0 (0 = none)")]
-        for ok, message in problems:
-            if not ok:
-                raise ConfigError(message)
-        return self
-
-    @property
-    def strategy(self) -> str:
-        if self.beam_size > 1:
-            return "beam"
-        return "greedy" if self.temperature == 0 else "sample"
 
 
 def program_options(options: DecodeOptions) -> DecodeOptions:

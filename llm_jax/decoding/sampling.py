@@ -7,21 +7,13 @@ benchmarks/decode_latency.py and of the tests.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 200
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    seed: int = 0
+from llm_jax.decoding.options import DecodeOptions
 
 
 def filter_logits(logits_V: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -44,7 +36,7 @@ def lm_logits(model: Any) -> Callable[..., jax.Array]:
     return lambda variables, *inputs, **options: model.apply(variables, *inputs, **options).heads["lm"]
 
 
-def make_next_token(apply_fn: Callable[..., jax.Array], vocab_size: int, sampling: SamplingConfig):
+def make_next_token(apply_fn: Callable[..., jax.Array], vocab_size: int, sampling: DecodeOptions):
     """A jitted (params, window_1L, length, key) -> next token id, reading the logits at length - 1."""
 
     @jax.jit
@@ -60,7 +52,7 @@ def make_next_token(apply_fn: Callable[..., jax.Array], vocab_size: int, samplin
 
 
 def sample(apply_fn: Callable[..., jax.Array], params: Any, prompt_ids: Sequence[int], *, max_len: int,
-           vocab_size: int, sampling: SamplingConfig) -> list[int]:
+           vocab_size: int, sampling: DecodeOptions) -> list[int]:
     """Prompt + max_new_tokens sampled ids; past max_len the window slides over the last max_len tokens."""
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
