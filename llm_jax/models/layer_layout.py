@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -68,22 +69,10 @@ def to_scanned(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _num_stacked(stacked: Mapping[str, Any]) -> int:
-    lengths = {int(np.shape(leaf)[0]) for leaf in _leaves(stacked)}
+    lengths = {int(np.shape(leaf)[0]) for leaf in jax.tree.leaves(stacked)}
     if len(lengths) != 1:
         raise ValueError(f"the {SCANNED!r} arrays have leading axes of different lengths {sorted(lengths)}")
     return lengths.pop()
-
-
-def _leaves(tree: Any) -> list[Any]:
-    if isinstance(tree, Mapping):
-        return [leaf for value in tree.values() for leaf in _leaves(value)]
-    return [tree]
-
-
-def _layer(tree: Any, index: int) -> Any:
-    if isinstance(tree, Mapping):
-        return {key: _layer(value, index) for key, value in tree.items()}
-    return tree[index]
 
 
 def to_looped(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,7 +84,7 @@ def to_looped(tree: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"the tree holds both {SCANNED!r} and block_{{i}} entries; it is neither layout")
         stacked = to_looped(tree[SCANNED])
         for index in range(_num_stacked(stacked)):
-            out[looped_name(index)] = _layer(stacked, index)
+            out[looped_name(index)] = jax.tree.map(lambda leaf, i=index: leaf[i], stacked)
     return out
 
 

@@ -100,7 +100,7 @@ def param_path(key_path: Sequence[Any]) -> str:
 
 
 def _block_index(top: str) -> int | None:
-    match = re.fullmatch(r"block_(\d+)", top)
+    match = layer_layout.LOOPED_PATTERN.fullmatch(top)
     return int(match.group(1)) if match else None
 
 
