@@ -103,7 +103,7 @@ SEGMENTS_BT = jnp.asarray([[1] * 6 + [2] * 7 + [0] * 3, [1] * 12 + [0] * 4], jnp
 
 def alibi_bias(dtype=jnp.float32):
     positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    return AlibiBias(model_config(dtype=dtype)).apply({}, positions_BT, positions_BT)
+    return AlibiBias(model_config(dtype=dtype)).apply({}, positions_BT)
 
 
 def allowed(causal: bool):

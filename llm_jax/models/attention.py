@@ -53,29 +53,33 @@ class MultiHeadAttention(nn.Module):
 
     config: ModelConfig
     causal: bool
+    cross: bool = False  # keys and values from `kv_BSD` (an encoder's output), no positional encoding
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None, *,
-                 kv_BSD: jax.Array | None = None, kv_positions_BS: jax.Array | None = None,
-                 kv_segment_ids_BS: jax.Array | None = None, bias_BNTS: jax.Array | None = None) -> jax.Array:
+                 kv_BSD: jax.Array | None = None, kv_segment_ids_BS: jax.Array | None = None,
+                 bias_BNTS: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
-        self_attention = kv_BSD is None
-        if self_attention:
-            kv_BSD, kv_positions_BS, kv_segment_ids_BS = x_BTD, positions_BT, segment_ids_BT
+        N, H, D = cfg.num_heads, cfg.head_dim, cfg.d_model
+        self_attention = not self.cross
         q_BTNH = Projection(cfg, "btd,dnh->btnh", (D, N, H), ("embed", "heads", "head_dim"), cfg.init_std, 2,
                             name="query")(x_BTD)
-        k_BSKH = Projection(cfg, "bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, 2,
-                            name="key")(kv_BSD)
-        v_BSKH = Projection(cfg, "bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, 2,
-                            name="value")(kv_BSD)
+        if self_attention:
+            k_BSKH, v_BSKH = self._keys_values(x_BTD)
+            kv_segment_ids_BS = segment_ids_BT
+        else:
+            k_BSKH, v_BSKH, kv_segment_ids_BS = self._cross_keys_values(kv_BSD, kv_segment_ids_BS)
+            if segment_ids_BT is None:  # unpacked decoder rows: every query reads the real encoder positions
+                segment_ids_BT = jnp.ones(x_BTD.shape[:2], jnp.int32)
         rotate = POSITIONALS.get(cfg.positional).rotate_qk
         if rotate is not None and self_attention:
-            q_BTNH = rotate(q_BTNH, positions_BT, cfg.rope_base)
-            k_BSKH = rotate(k_BSKH, kv_positions_BS, cfg.rope_base)
+            q_BTNH = rotate(q_BTNH, positions_BT, cfg)
+            k_BSKH = rotate(k_BSKH, positions_BT, cfg)
+        if not cfg.scale_attention_logits:  # every kernel divides by sqrt(H): T5's logits are unscaled
+            q_BTNH = q_BTNH * jnp.asarray(H ** 0.5, q_BTNH.dtype)
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "seq", "act_heads", None))
-        if self_attention and self.is_mutable_collection("cache"):
-            out_BTNH = self._cached_attend(q_BTNH, k_BSKH, v_BSKH, positions_BT)
+        if self_attention and self.causal and self.is_mutable_collection("cache"):
+            out_BTNH = self._cached_attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, bias_BNTS)
             return Projection(cfg, "btnh,nhd->btd", (N, H, D), ("heads", "head_dim", "embed"), cfg.residual_init_std,
                               1, name="out")(out_BTNH)
         k_BSKH = nn.with_logical_constraint(k_BSKH, ("batch", "seq", "act_kv_heads", None))
@@ -87,8 +91,31 @@ class MultiHeadAttention(nn.Module):
         return Projection(cfg, "btnh,nhd->btd", (N, H, D), ("heads", "head_dim", "embed"), cfg.residual_init_std,
                           1, name="out")(out_BTNH)
 
+    def _keys_values(self, kv_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        K, H, D = cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+        return tuple(Projection(cfg, "bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.init_std, 2,
+                                name=name)(kv_BSD) for name in ("key", "value"))
+
+    def _cross_keys_values(self, kv_BSD: jax.Array | None, kv_segment_ids_BS: jax.Array | None
+                           ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """Cross-attention keys, values and key segment ids. While decoding (a mutable cache) the call that
+        gets the encoder output (prefill) projects it once and caches the three; later steps (kv_BSD=None)
+        read them from the cache."""
+        if kv_BSD is not None:
+            k_BSKH, v_BSKH = self._keys_values(kv_BSD)
+            if self.is_mutable_collection("cache"):
+                segments_BS = (jnp.ones(kv_BSD.shape[:2], jnp.int32) if kv_segment_ids_BS is None
+                               else kv_segment_ids_BS.astype(jnp.int32))
+                for name, value in (("cross_key", k_BSKH), ("cross_value", v_BSKH), ("cross_segments", segments_BS)):
+                    self.put_variable("cache", name, value)
+            return k_BSKH, v_BSKH, kv_segment_ids_BS
+        if not self.has_variable("cache", "cross_key"):
+            raise ValueError("cross-attention without encoder outputs: pass encoded_BSD, or prefill the cache first")
+        return tuple(self.get_variable("cache", name) for name in ("cross_key", "cross_value", "cross_segments"))
+
     def _cached_attend(self, q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
-                       positions_BT: jax.Array) -> jax.Array:
+                       positions_BT: jax.Array, bias_BNTS: jax.Array | None) -> jax.Array:
         """Writes this call's keys/values into the cache at their positions and attends over the cache slots at
         or before each query's position.
 
@@ -97,7 +124,6 @@ class MultiHeadAttention(nn.Module):
         jax.nn.dot_product_attention over [B, S, K, H], which made XLA transpose the whole cache every step).
         The first call, when the cache does not exist yet, creates it with T slots: the engine traces the model
         once with a [B, S] input under jax.eval_shape to get the cache's shapes."""
-        cfg = self.config
         B, T, K, H = k_BTKH.shape
         cached_k = self.variable("cache", "cached_key", jnp.zeros, (B, K, H, T), k_BTKH.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, (B, K, T, H), v_BTKH.dtype)
@@ -113,9 +139,7 @@ class MultiHeadAttention(nn.Module):
         logits_BKGTS = jnp.einsum("btkgh,bkhs->bkgts", q_BTKGH, cached_k.value,
                                   preferred_element_type=jnp.float32) * (H ** -0.5)
         slots_S = jnp.arange(S)
-        bias_module = POSITIONALS.get(cfg.positional).attention_bias
-        if bias_module is not None:  # parameter-free biases (alibi) only: recomputed against the cache slots
-            bias_BNTS = bias_module(cfg, parent=None)(positions_BT, jnp.broadcast_to(slots_S, (B, S)))
+        if bias_BNTS is not None:  # the stack computed it against every cache slot (positions.key_positions)
             logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(B, K, G, T, S).astype(jnp.float32)
         visible_B11TS = (slots_S[None, None, :] <= positions_BT[:, :, None])[:, None, None]
         logits_BKGTS = jnp.where(visible_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)

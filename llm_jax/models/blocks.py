@@ -67,7 +67,7 @@ class Block(nn.Module):
         x_BTD = materialize_cotangent(nn.with_logical_constraint(x_BTD, ACTIVATION_AXES))
         if self.cross:
             def cross_attention(h_BTD: jax.Array) -> jax.Array:
-                return checkpoint_name(MultiHeadAttention(cfg, False, name="cross_attention")(
+                return checkpoint_name(MultiHeadAttention(cfg, False, cross=True, name="cross_attention")(
                     h_BTD, positions_BT, segment_ids_BT, kv_BSD=encoded_BSD, kv_segment_ids_BS=encoded_segment_ids_BS),
                     CROSS_ATTENTION_OUT)
 

@@ -38,11 +38,14 @@ def positions_from_segments(segment_ids_BT: jax.Array | None, shape: tuple[int, 
 
 
 def embed(cfg: ModelConfig, tokens_BT: jax.Array, positions_BT: jax.Array, token_types_BT: jax.Array | None,
-          deterministic: bool) -> tuple[jax.Array, TokenEmbedding]:
+          deterministic: bool, embedding: TokenEmbedding | None = None) -> tuple[jax.Array, TokenEmbedding]:
     """Token (+ position) (+ token-type) embeddings, optional norm, dropout; returns the embedding module too,
-    for heads tied to it."""
-    embedding = TokenEmbedding(cfg, name="token_embedding")
+    for heads tied to it. `embedding`: a token embedding shared with another stack (encoder-decoder)."""
+    if embedding is None:
+        embedding = TokenEmbedding(cfg, name="token_embedding")
     x_BTD = embedding(tokens_BT)
+    if cfg.scale_embeddings:
+        x_BTD = x_BTD * jnp.asarray(cfg.d_model ** 0.5, x_BTD.dtype)
     position_module = POSITIONALS.get(cfg.positional).embedding
     if position_module is not None:
         x_BTD = x_BTD + position_module(cfg, name="position_embedding")(positions_BT)
@@ -56,12 +59,13 @@ def embed(cfg: ModelConfig, tokens_BT: jax.Array, positions_BT: jax.Array, token
     return nn.with_logical_constraint(x_BTD, ACTIVATION_AXES), embedding
 
 
-def attention_bias(cfg: ModelConfig, positions_BT: jax.Array) -> jax.Array | None:
-    """The positional scheme's additive self-attention bias, computed once for every layer (or None)."""
+def attention_bias(cfg: ModelConfig, positions_BT: jax.Array, causal: bool) -> jax.Array | None:
+    """The positional scheme's additive self-attention bias, computed once for every layer of the stack (or
+    None); while decoding, against every cache slot."""
     bias_module = POSITIONALS.get(cfg.positional).attention_bias
     if bias_module is None:
         return None
-    return bias_module(cfg, name="attention_bias")(positions_BT, positions_BT)
+    return bias_module(cfg, causal, name="attention_bias")(positions_BT)
 
 
 class StackBlock(Block):
@@ -104,7 +108,7 @@ def blocks(cfg: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array, segment_
     (post-LN blocks end normalised). `block_kwargs` go to every Block (encoded_BSD, encoded_segment_ids_BS of
     `cross` blocks); the positional attention bias is computed here once for all layers."""
     inputs = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
-                  bias_BNTS=attention_bias(cfg, positions_BT), **block_kwargs)
+                  bias_BNTS=attention_bias(cfg, positions_BT, causal), **block_kwargs)
     layout = scanned_blocks if cfg.scan_layers else looped_blocks
     x_BTD = layout(cfg, x_BTD, inputs, deterministic, causal=causal, cross=cross)
     if cfg.norm_position == "pre":
