@@ -236,20 +236,27 @@ def python_docs_topics() -> list[str]:
     return [topics.topics[name].strip() for name in sorted(topics.topics)]
 
 
+def write_generated_jsonl(directory: str, stem: str, lines: Sequence[str]) -> str:
+    """`lines` as DIRECTORY/STEM-<hash of the content>.jsonl, written once (atomically): a generated source file
+    that changes name when its content changes, so the prepared dataset's fingerprint follows it."""
+    content = "".join(lines).encode("utf-8")
+    path = os.path.join(directory, f"{stem}-{hashlib.sha256(content).hexdigest()[:16]}.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        with open(f"{path}.{os.getpid()}.tmp", "wb") as f:
+            f.write(content)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
+    return path
+
+
 @SOURCES.register("python_docs")
 def python_docs(data: ml_collections.ConfigDict) -> SourceSplits:
     """Python's help topics, one document each (about 470 KB of prose and code), so the default experiment
     runs offline with no data file. Written once as JSONL under the data directory, then prepared like a file."""
     from llm_jax.data.tfds_sources import LocalSource
 
-    lines = "".join(json.dumps({"text": topic}) + "\n" for topic in python_docs_topics()).encode("utf-8")
-    directory = os.path.join(tfds_data_dir(data), "python_docs_source")
-    path = os.path.join(directory, f"topics-{hashlib.sha256(lines).hexdigest()[:16]}.jsonl")
-    if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        with open(f"{path}.{os.getpid()}.tmp", "wb") as f:
-            f.write(lines)
-        os.replace(f"{path}.{os.getpid()}.tmp", path)
+    lines = [json.dumps({"text": topic}) + "\n" for topic in python_docs_topics()]
+    path = write_generated_jsonl(os.path.join(tfds_data_dir(data), "python_docs_source"), "topics", lines)
     local = data.copy_and_resolve_references()
     local.path, local.eval_path = path, ""
     return prepare_local(local, lambda paths: LocalSource("jsonl", paths), name="python_docs")
@@ -283,3 +290,7 @@ def source_splits(data: ml_collections.ConfigDict, overrides: Mapping[str, Any] 
             if key != "weight":
                 data[key] = tuple(value) if isinstance(data[key], tuple) else value
     return SOURCES.get(data.source)(data)
+
+
+# the pair sources (pairs_jsonl, pairs_tsv, python_docs_qa) register themselves in SOURCES
+from llm_jax.data import pairs as _pairs  # noqa: E402,F401
