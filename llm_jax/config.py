@@ -106,6 +106,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                          "and its continuation pieces) instead of single tokens"),
         "sentence_task": Key("nsp", "masked_lm: second objective on sentence pairs: nsp (next sentence), sop "
                                     "(sentence order) or none (single segments)"),
+        "pair_fields": Key(("prompt", "response"), "pair sources (pairs_jsonl, pairs_tsv): the (inputs, targets) JSONL "
+                                                   "fields or TSV columns (header names or 0-based), e.g. sft's "
+                                                   "prompt and response"),
+        "sft_template": Key("{prompt}", "sft: str.format template of the prompt text before the response, with one "
+                                        "{prompt}, e.g. 'Question: {prompt}\\nAnswer:' (prompt generate the same way)"),
+        "noise_density": Key(0.15, "span_corruption: share of each chunk's tokens hidden in noise spans"),
+        "mean_noise_span_length": Key(3.0, "span_corruption: mean length of a noise span (T5: 3)"),
+        "num_sentinels": Key(100, "encoder-decoder objectives: ids reserved above the tokenizer's vocabulary for "
+                                  "T5's sentinels <extra_id_0> (the top id) .. <extra_id_{n-1}>"),
+        "targets_seq_len": Key(0, "encoder-decoder objectives: decoder tokens per row; 0 = what span corruption "
+                                  "needs for data.seq_len input tokens, or data.seq_len for seq2seq"),
+        "input_prefix": Key("", "seq2seq: text put before every input, e.g. 'sst2 sentence: ' (T5's task prefixes)"),
+        "target_labels": Key((), "seq2seq on labelled records: the target text of each of data.labels, e.g. "
+                                 "('negative', 'positive'); empty = the labels themselves"),
         "packing": Key("concat_split", "how documents fill rows of seq_len tokens", "llm_jax.data.packing:PACKINGS"),
         "packing_bins": Key(16, "open rows of first_fit packing"),
         "separate_documents": Key(True, "packed rows carry segment ids and positions: no attention or targets across "
@@ -299,7 +313,8 @@ def _check_train(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) 
              f"{opt.grad_accum_steps}) is not divisible by mesh.data*mesh.fsdp={batch_shards}; "
              "change the batch size or the mesh")
     _require(config.data.seq_len <= config.model.max_len,
-             f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
+             f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len} (to evaluate a "
+             "trained model at longer contexts: python -m llm_jax.evaluate --workdir=DIR --seq_len=N)")
     _require(train.nonfinite in NONFINITE_POLICIES,
              f"train.nonfinite={train.nonfinite!r} must be one of {', '.join(NONFINITE_POLICIES)}")
     _require(train.max_consecutive_skips >= 1, f"train.max_consecutive_skips={train.max_consecutive_skips} must be >= 1")

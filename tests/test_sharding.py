@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import needs
+from configs.encoder_decoder import ENCODER_DECODER_STYLES
 from configs.encoders import BERT_ARCHITECTURE
 from configs.meshes import apply_mesh
 from configs.model_sizes import apply_model_size
@@ -126,7 +127,19 @@ def _encoder_config(text_path, tfds_dir, **mesh):
     return config
 
 
-def test_sharded_encoder_step_matches_single_device(tmp_path):
+def _encoder_decoder_config(text_path, tfds_dir, **mesh):
+    """A tiny T5 (relative buckets, shared embedding, cross-attention) on span-corruption rows, which carry
+    encoder and decoder keys of different lengths."""
+    config = _encoder_config(text_path, tfds_dir, **mesh)
+    config.model.update(**ENCODER_DECODER_STYLES.get("t5"))
+    config.model.update(num_decoder_layers=3, max_len=32)
+    config.data.update(objective="span_corruption", seq_len=32, num_sentinels=8)
+    return config
+
+
+@pytest.mark.parametrize("make_config", [_encoder_config, _encoder_decoder_config], ids=["encoder",
+                                                                                          "encoder_decoder"])
+def test_sharded_encoder_step_matches_single_device(tmp_path, make_config):
     """The 1-device step starts from the state the 8-device run initialised on its shards (gathered), which
     spares a second compile of the initialisation; that init_state gives the 1-device values on every mesh is
     checked by test_sharded_step_matches_single_device (the same function and initialisers)."""
@@ -136,13 +149,13 @@ def test_sharded_encoder_step_matches_single_device(tmp_path):
     text_path = tmp_path / "sentences.txt"
     text_path.write_text("\n".join(lines))
     workdir = tmp_path / "run"  # one work directory: both runs use the tokenizer the first one trained
-    start, state, metrics = _one_step(_encoder_config(text_path, tmp_path, data=2, fsdp=2, tensor=2), workdir,
+    start, state, metrics = _one_step(make_config(text_path, tmp_path, data=2, fsdp=2, tensor=2), workdir,
                                       jax.devices())
-    _, reference, ref_metrics = _one_step(_encoder_config(text_path, tmp_path), workdir, jax.devices()[:1],
+    _, reference, ref_metrics = _one_step(make_config(text_path, tmp_path), workdir, jax.devices()[:1],
                                           start=jax.device_get(start))
     np.testing.assert_allclose(metrics["train/loss"], ref_metrics["train/loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["train/grad_norm"], ref_metrics["train/grad_norm"], rtol=1e-5)
-    assert state.params["mlm_head"]["output_bias"].sharding.spec == P("tensor")
+    assert state.params["token_embedding"]["embedding"].sharding.spec == P("tensor", "fsdp")
     new_params = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)))
     for path, value in jax.tree_util.tree_leaves_with_path(jax.device_get(reference.params)):
         if jax.tree_util.keystr(path).endswith("['key']['bias']"):

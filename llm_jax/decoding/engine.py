@@ -25,6 +25,9 @@ The jitted functions are built once per (strategy, options) and kept in `Engine`
 per input shape (batch, prompt bucket of 16, cache bucket of 128), so a call never re-traces a shape seen
 before.
 
+Encoder-decoder models (llm_jax/decoding/encoder_decoder.py) reuse every strategy: their prefill encodes the
+prompts and feeds the decoder start token, caching each layer's cross-attention keys/values.
+
 Shape letters: B rows, W beams, P prompt bucket, S cache slots, N new tokens, V vocabulary.
 """
 
@@ -41,6 +44,7 @@ import numpy as np
 from llm_jax.decoding.options import DecodeOptions
 from llm_jax.decoding.sampling import filter_logits
 from llm_jax.errors import ConfigError
+from llm_jax.models import layer_layout
 from llm_jax.registry import Registry
 
 PROMPT_BUCKET, CACHE_BUCKET = 16, 128
@@ -134,6 +138,18 @@ class Engine:
 
     # ------------------------------------------------------------------------- jitted programs
 
+    # ------------------------------------------------------------------------- what differs per family
+
+    def decoded_lengths(self, lengths_B: jax.Array) -> jax.Array:
+        """Tokens the decoder has seen after prefill: the prompts themselves (a decoder-only model)."""
+        return lengths_B
+
+    def cache_slots(self, longest: int, steps: int) -> int:
+        return min(_round_up(longest + steps, CACHE_BUCKET), self.max_len)
+
+    def prompt_width(self, longest: int, slots: int) -> int:
+        return min(_round_up(longest, PROMPT_BUCKET), slots)
+
     def compiled(self, name: str, options: DecodeOptions, build: Callable[[], Callable]) -> Callable:
         """The jitted program `name` for these options, built on first use. The key holds only the options the
         program is traced with (not the seed or the number of tokens, which are arguments); shapes are jit's
@@ -162,7 +178,7 @@ class Engine:
 
             def body(state):
                 i, cache, token_B, done_B, out_BN = state
-                positions_B = jnp.minimum(lengths_B + i - 1, slots - 1)
+                positions_B = jnp.minimum(self.decoded_lengths(lengths_B) + i - 1, slots - 1)
                 logits_BV, cache = self.decode_step(params, cache, token_B, positions_B)
                 token_B, new_done_B = pick(i, logits_BV, done_B)
                 return i + 1, cache, token_B, new_done_B, out_BN.at[:, i].set(token_B)
@@ -203,8 +219,8 @@ class Engine:
             keep, steps = self.window(new_left, max(len(r) for r in rows))
             contexts = [r[-keep:] for r in rows]
             longest = max(len(c) for c in contexts)
-            slots = min(_round_up(longest + steps, CACHE_BUCKET), self.max_len)
-            tokens_BP, lengths_B = right_pad(contexts, min(_round_up(longest, PROMPT_BUCKET), slots), self.pad_id)
+            slots = self.cache_slots(longest, steps)
+            tokens_BP, lengths_B = right_pad(contexts, self.prompt_width(longest, slots), self.pad_id)
             out_BN, new_done_B = program(params, tokens_BP, lengths_B, done_B, np.int32(steps),
                                          jax.random.fold_in(base_key, window), slots=slots)
             out_BN = np.asarray(out_BN)
@@ -225,8 +241,8 @@ class Engine:
         keep, steps = self.window(options.max_new_tokens, max(len(p) for p in prompts), beam=True)
         contexts = [list(p)[-keep:] for p in prompts]
         longest = max(len(c) for c in contexts)
-        slots = min(_round_up(longest + steps, CACHE_BUCKET), self.max_len)
-        tokens_BP, lengths_B = right_pad(contexts, min(_round_up(longest, PROMPT_BUCKET), slots), self.pad_id)
+        slots = self.cache_slots(longest, steps)
+        tokens_BP, lengths_B = right_pad(contexts, self.prompt_width(longest, slots), self.pad_id)
         program = self.compiled("beam", options, lambda: beam_program(self, options))
         tokens_BN, scores_B = program(params, tokens_BP, lengths_B, steps=steps, slots=slots)
         tokens_BN = np.asarray(tokens_BN)
@@ -291,13 +307,16 @@ STRATEGIES.add("beam", lambda engine, params, prompts, options: engine.beam_sear
 
 def build_engine(model_config: Any, *, eos_id: int | None = None, pad_id: int = 0) -> Engine:
     """An engine for a family built from `model_config` (its decoding variant: no remat)."""
+    from llm_jax.decoding.encoder_decoder import EncoderDecoderEngine
     from llm_jax.models.families import build_model
 
-    if "lm" not in model_config.heads:
+    engines = {"decoder": Engine, "encoder_decoder": EncoderDecoderEngine}
+    if "lm" not in model_config.heads or model_config.family not in engines:
         raise ValueError(f"a {model_config.family} model without a language-model head cannot generate: "
-                         "decoding needs a causal LM (model.family=decoder)")
+                         f"decoding needs model.family in {sorted(engines)} trained with a language-model head")
     model = build_model(model_config.replace(remat="none"))
-    return Engine(model, model_config.vocab_size, model_config.max_len, eos_id=eos_id, pad_id=pad_id)
+    return engines[model_config.family](model, model_config.vocab_size, model_config.max_len, eos_id=eos_id,
+                                        pad_id=pad_id)
 
 
 # ----------------------------------------------------------------------------- beam search and scoring programs
@@ -308,6 +327,16 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
     return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
+def reorder_rows(cache: Any, rows_X: jax.Array) -> Any:
+    """The cache with its batch rows taken in the order `rows_X`: axis 1 for the leaves of a scanned stack
+    (stacked on a leading layers axis, model.scan_layers), axis 0 for the others."""
+    def take(path: tuple, leaf: jax.Array) -> jax.Array:
+        stacked = any(getattr(entry, "key", None) == layer_layout.SCANNED for entry in path)
+        return jnp.take(leaf, rows_X, axis=1 if stacked else 0)
+
+    return jax.tree_util.tree_map_with_path(take, cache)
+
+
 def beam_program(engine: Engine, options: DecodeOptions) -> Callable:
     """jit(params, tokens_BP, lengths_B, steps, slots) -> (best tokens_BN, their log-likelihood_B).
 
@@ -315,7 +344,6 @@ def beam_program(engine: Engine, options: DecodeOptions) -> Callable:
     does not pick the same token W times. A finished beam (EOS) has one continuation, pad at log p 0, so it keeps
     its score and length and competes with the live ones every step."""
     W, alpha, eos = options.beam_size, options.length_penalty, -1 if engine.eos_id is None else engine.eos_id
-    batch_axis = 1 if engine.model.config.scan_layers else 0  # the cache is stacked on a layers axis when scanned
 
     def program(params, tokens_BP, lengths_B, steps, slots):
         B = tokens_BP.shape[0]
@@ -339,8 +367,8 @@ def beam_program(engine: Engine, options: DecodeOptions) -> Callable:
             finished_BW = parent_done_BW | (token_BW == eos)
             seqs_BWN = jnp.take_along_axis(seqs_BWN, parent_BW[..., None], axis=1).at[:, :, i].set(token_BW)
             rows_X = (jnp.arange(B)[:, None] * W + parent_BW).reshape(-1)
-            cache = jax.tree.map(lambda leaf: jnp.take(leaf, rows_X, axis=batch_axis), cache)
-            positions_X = jnp.minimum(lengths_X + i, slots - 1)
+            cache = reorder_rows(cache, rows_X)
+            positions_X = jnp.minimum(engine.decoded_lengths(lengths_X) + i, slots - 1)
             logits_XV, cache = engine.decode_step(params, cache, token_BW.reshape(-1), positions_X)
             return logits_XV, cache, scores_BW, length_BW, finished_BW, seqs_BWN
 

@@ -44,10 +44,20 @@ def truncation_notes(engine: Engine, prompts_ids: Sequence[Sequence[int]], optio
 
 
 def decode_completion(tokenizer: Any, engine: Engine, tokens: Sequence[int]) -> str:
+    """The text of new tokens without the closing EOS; ids above the tokenizer's vocabulary (T5's sentinels,
+    reserved by encoder-decoder tasks, <extra_id_0> the top id) are written as <extra_id_k>."""
     tokens = list(tokens)
     if engine.eos_id is not None and tokens and tokens[-1] == engine.eos_id:
         tokens = tokens[:-1]
-    return tokenizer.decode(tokens)
+    pieces, run = [], []
+    for token in tokens:
+        if token < tokenizer.vocab_size:
+            run.append(token)
+            continue
+        pieces += [tokenizer.decode(run)] if run else []
+        pieces.append(f"<extra_id_{engine.vocab_size - 1 - token}>")
+        run = []
+    return "".join(pieces + ([tokenizer.decode(run)] if run else []))
 
 
 def generate_texts(engine: Engine, params: Any, tokenizer: Any, prompts_ids: Sequence[Sequence[int]],

@@ -9,12 +9,14 @@ import flax.linen as nn
 
 from llm_jax.models.decoder import DecoderLM
 from llm_jax.models.encoder import Encoder
+from llm_jax.models.encoder_decoder import EncoderDecoder
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.registry import Registry
 
 FAMILIES: Registry[Callable[[ModelConfig], nn.Module]] = Registry("model family")
 FAMILIES.add("decoder", DecoderLM)
 FAMILIES.add("encoder", Encoder)
+FAMILIES.add("encoder_decoder", EncoderDecoder)
 
 
 def build_model(config: ModelConfig) -> nn.Module:

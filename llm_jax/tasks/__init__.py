@@ -10,9 +10,12 @@ from llm_jax.tasks.base import Task
 from llm_jax.tasks.causal_lm import CausalLM
 from llm_jax.tasks.classification import SequenceClassification, TokenClassification
 from llm_jax.tasks.masked_lm import MaskedLM
+from llm_jax.tasks.seq2seq import Seq2Seq, SpanCorruption
+from llm_jax.tasks.sft import SupervisedFineTuning
 
 TASKS: Registry[type[Task]] = Registry("task")
-for _task in (CausalLM, MaskedLM, SequenceClassification, TokenClassification):
+for _task in (CausalLM, MaskedLM, SequenceClassification, TokenClassification, SupervisedFineTuning,
+              SpanCorruption, Seq2Seq):
     TASKS.add(_task.name, _task)
 
 

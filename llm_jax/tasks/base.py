@@ -81,6 +81,10 @@ class Task:
     def num_labels(self) -> int | None:
         return None
 
+    def extra_vocab(self) -> int:
+        """Ids the model reserves above the tokenizer's vocabulary (T5's sentinels); 0 for most tasks."""
+        return 0
+
     def validate(self) -> None:
         """Config checks before anything is built; the default checks the family."""
         family = self.config.model.family

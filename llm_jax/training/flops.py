@@ -20,8 +20,8 @@ The FLOPs per token spread a row over its seq_len positions; train/tokens_per_se
 that carry a loss (padding excluded), so padded rows count only their real tokens.
 
 Families register their formula in FAMILY_FLOPS under their `llm_jax.models.families` name (decoder,
-encoder). `encoder_decoder_forward_macs` is written and tested ahead of the encoder-decoder family: it is
-registered for that family when the family lands (it needs the family's own layer counts and lengths).
+encoder, encoder_decoder). An encoder-decoder row has seq_len encoder positions and `head_positions` decoder
+positions; its loss-bearing tokens are decoder positions, so its FLOPs per token spread the row over those.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from llm_jax.models.mlp import gated_mlp
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.registry import Registry
 
@@ -56,7 +57,7 @@ def projection_macs(cfg: ModelConfig) -> int:
 
 def mlp_macs(cfg: ModelConfig) -> int:
     """The MLP's weight matmuls per position: up and down, plus the gate of a gated MLP."""
-    return cfg.d_model * cfg.d_ff * (3 if cfg.mlp == "gated" else 2)
+    return cfg.d_model * cfg.d_ff * (3 if gated_mlp(cfg.mlp) else 2)
 
 
 def attention_macs(cfg: ModelConfig, pairs: int) -> int:
@@ -128,6 +129,14 @@ def encoder_decoder_forward_macs(cfg: ModelConfig, *, encoder_layers: int, decod
             "head": float(target_len * cfg.d_model * cfg.vocab_size)}
 
 
+@FAMILY_FLOPS.register("encoder_decoder")
+def encoder_decoder_row_macs(cfg: ModelConfig, seq_len: int, head_positions: int | None = None) -> Breakdown:
+    """encoder_decoder_forward_macs of a row of seq_len encoder and head_positions (default seq_len) decoder
+    positions."""
+    return encoder_decoder_forward_macs(cfg, encoder_layers=cfg.num_layers, decoder_layers=cfg.num_decoder_layers,
+                                        source_len=seq_len, target_len=head_positions or seq_len)
+
+
 def forward_macs(cfg: ModelConfig, seq_len: int, head_positions: int | None = None) -> Breakdown:
     """The family's formula for one row (FAMILY_FLOPS[cfg.family])."""
     return FAMILY_FLOPS.get(cfg.family)(cfg, seq_len, head_positions)
@@ -139,8 +148,9 @@ def train_flops_per_row(cfg: ModelConfig, seq_len: int, head_positions: int | No
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, head_positions: int | None = None) -> float:
-    """Training FLOPs of one row spread over its seq_len positions."""
-    return train_flops_per_row(cfg, seq_len, head_positions) / seq_len
+    """Training FLOPs of one row spread over its seq_len positions (an encoder-decoder's: its decoder positions)."""
+    positions = (head_positions or seq_len) if cfg.family == "encoder_decoder" else seq_len
+    return train_flops_per_row(cfg, seq_len, head_positions) / positions
 
 
 def mfu_scale(flops_per_token: float, peak_flops_per_device: float | None, num_devices: int) -> float | None:

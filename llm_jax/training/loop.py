@@ -325,8 +325,10 @@ class HostLoop:
 
 def _vocab_head_positions(run: Run) -> int | None:
     """Positions per row the vocabulary heads read when the task predicts only some (BERT's masked-LM slots,
-    the model's `prediction_positions_BP` input), else None: every position."""
-    positions = model_inputs_fn(run.task)().get("prediction_positions_BP")
+    the model's `prediction_positions_BP` input; an encoder-decoder's decoder positions), else None: every
+    position."""
+    inputs = model_inputs_fn(run.task)()
+    positions = inputs.get("prediction_positions_BP", inputs.get("decoder_tokens_BT"))
     return None if positions is None else int(positions.shape[-1])
 
 

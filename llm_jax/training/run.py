@@ -96,8 +96,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Seque
             logging.info("model.attention_impl=%r does not run on the %s backend: using %r", saved_model_config
                          .attention_impl, jax.default_backend(), model_config.attention_impl)
     else:
-        model_config = build_model_config(config.model, tokenizer.vocab_size, vocab_shard_sizes(mesh_sizes, rules),
-                                          task.heads(), task.num_labels(), padded_vocab_size=padded_vocab_size)
+        model_config = build_model_config(config.model, tokenizer.vocab_size + task.extra_vocab(),
+                                          vocab_shard_sizes(mesh_sizes, rules), task.heads(), task.num_labels(),
+                                          padded_vocab_size=padded_vocab_size)
     model = build_model(model_config)
     inputs = model_inputs_fn(task)
     params = nn.unbox(abstract_params(model, inputs))
