@@ -1,9 +1,9 @@
 """Experiment variants with presets: `--config=experiments/X.py:quick,size=nano,mesh=fsdp`.
 
 The part after the colon is a comma-separated list: at most one named variant of the experiment (`quick`,
-`sop`, ...) and `size=NAME` / `mesh=NAME` options naming presets of `configs/model_sizes.py` and
-`configs/meshes.py`. The presets apply last, over the experiment's own choices, so any experiment runs at any
-preset size on any preset mesh without a new file.
+`sop`, ...) and `size=NAME` / `mesh=NAME` / `arch=NAME` options naming presets of `configs/model_sizes.py`,
+`configs/meshes.py` and `ARCHITECTURES` below. The presets apply last, over the experiment's own choices, so any
+experiment runs at any preset size, architecture and mesh without a new file.
 """
 
 from __future__ import annotations
@@ -14,9 +14,26 @@ import ml_collections
 
 from configs.meshes import apply_mesh
 from configs.model_sizes import apply_model_size
+from llm_jax.registry import Registry
+
+# decoder architectures: the model keys of a published family (sizes stay with `size=`; grouped-query attention
+# is --config.model.num_kv_heads=K, which the llama preset leaves to the experiment). These are the keys
+# `python -m llm_jax.convert --from=hf` sets for a GPT2LMHeadModel / LlamaForCausalLM folder.
+ARCHITECTURES: Registry[dict] = Registry("architecture")
+ARCHITECTURES.add("gpt2", dict(positional="learned", norm="layernorm", norm_position="pre", mlp="standard",
+                               activation="gelu_tanh", tie_embeddings=True, use_bias=True))
+ARCHITECTURES.add("llama", dict(positional="rope", norm="rmsnorm", norm_position="pre", mlp="gated",
+                                activation="silu", tie_embeddings=False, use_bias=False))
+
+
+def apply_architecture(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """`config` with the model keys of architecture `name` (an unknown name lists the known ones)."""
+    config.model.update(**ARCHITECTURES.get(name))
+    return config
+
 
 PRESETS: dict[str, Callable[[ml_collections.ConfigDict, str], ml_collections.ConfigDict]] = {
-    "size": apply_model_size, "mesh": apply_mesh}
+    "size": apply_model_size, "mesh": apply_mesh, "arch": apply_architecture}
 
 
 def parse_variant(arg: str | None, experiment: str, variants: Sequence[str]) -> tuple[str | None, dict[str, str]]:

@@ -29,6 +29,7 @@ from llm_jax.models.model_config import ModelConfig
 
 Text = Union[str, tuple[str, str]]  # one text, or a sentence pair
 CHUNK_ROWS = 64
+TOKEN_ID_FAMILIES = ("decoder",)  # families whose `logits` take token ids (causal LMs), not texts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +114,11 @@ class LoadedModel:
         return _select(outputs, mask_BT, what)
 
     def _run(self, texts: Text | Sequence[Text], what: str) -> np.ndarray:
+        return self._run_batch(self.encode(texts), what)
+
+    def _run_batch(self, batch: EncodedBatch, what: str) -> np.ndarray:
         import flax.linen as nn
 
-        batch = self.encode(texts)
         chunks = []
         with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
             for start in range(0, len(batch.ids_BT), self.chunk_rows):
@@ -140,13 +143,59 @@ class LoadedModel:
         returns for all-MiniLM-L6-v2)."""
         return self._run(texts, "mean")
 
-    def logits(self, texts: Text | Sequence[Text]) -> np.ndarray:
-        """[B, T, V] logits of the model's (masked) language-model head over the real vocabulary."""
+    def logits(self, inputs: Text | Sequence[Text] | Sequence[Sequence[int]] | np.ndarray,
+               decoder_input_ids: Sequence[Sequence[int]] | np.ndarray | None = None) -> np.ndarray:
+        """[B, T, V] float32 logits over the real vocabulary. Encoders (masked LM head): of texts, encoded as
+        `encode` does. Decoders (causal LM head): of token ids, a list of equal-length lists or an int array
+        [B, T], every position a real token; position t holds the prediction of token t + 1. Encoder-decoders:
+        of encoder ids [B, S] and `decoder_input_ids` [B, T] (the targets shifted right after the start id, the
+        pad id), the prediction of each decoder position's next token."""
+        if self.model_config.family == "encoder_decoder":
+            return self._seq2seq_logits(inputs, decoder_input_ids)
+        if self.model_config.family in TOKEN_ID_FAMILIES:
+            return self._run_batch(self._id_batch(inputs), "lm")[..., :self.model_config.vocab_size]
         head = next((name for name in ("mlm", "lm") if name in self.model_config.heads), None)
         if head is None:
             raise ValueError(f"this model has no language-model head (heads {list(self.model_config.heads)}); "
                              "logits need an mlm or lm head, e.g. a BertForPreTraining import")
-        return self._run(texts, head)[..., :self.model_config.vocab_size]
+        return self._run(inputs, head)[..., :self.model_config.vocab_size]
+
+    def _seq2seq_logits(self, input_ids: Any, decoder_input_ids: Any) -> np.ndarray:
+        import flax.linen as nn
+
+        if decoder_input_ids is None:
+            raise ValueError("an encoder-decoder's logits need decoder_input_ids [B, T] besides the encoder's "
+                             "input_ids [B, S]: the decoder start id (the pad id, 0) then the targets shifted right")
+        encoder, decoder = self._id_batch(input_ids), self._id_batch(decoder_input_ids)
+        if len(encoder.ids_BT) != len(decoder.ids_BT):
+            raise ValueError(f"{len(encoder.ids_BT)} rows of input_ids but {len(decoder.ids_BT)} of "
+                             "decoder_input_ids: give one decoder row per encoder row")
+        if not hasattr(self, "_seq2seq_forward"):
+            self._seq2seq_forward = jax.jit(lambda p, x, y: self._model.apply({"params": p}, x, y).heads["lm"])
+        with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+            logits = self._seq2seq_forward(self.params, encoder.ids_BT, decoder.ids_BT)
+        return np.asarray(logits, np.float32)[..., :self.model_config.vocab_size]
+
+    def _id_batch(self, input_ids: Sequence[Sequence[int]] | np.ndarray) -> EncodedBatch:
+        """Token ids [B, T] as a batch without padding; ragged rows, ids outside the vocabulary or rows longer
+        than model.max_len are errors that say what to pass."""
+        cfg = self.model_config
+        try:
+            ids_BT = np.asarray(input_ids)
+        except ValueError:
+            ids_BT = np.asarray(None, dtype=object)  # ragged rows
+        if ids_BT.ndim != 2 or ids_BT.size == 0 or not np.issubdtype(ids_BT.dtype, np.integer):
+            raise ValueError(f"input_ids must be token ids of shape [B, T] (a list of equal-length lists of ints or an "
+                             f"int array; got {type(input_ids).__name__} of shape {ids_BT.shape}, dtype "
+                             f"{ids_BT.dtype}); every position is a real token, so run rows of other lengths apart")
+        outside = sorted({int(i) for i in ids_BT[(ids_BT < 0) | (ids_BT >= cfg.vocab_size)]})
+        if outside:
+            raise ValueError(f"input_ids {outside[:10]} are outside the model's vocabulary of {cfg.vocab_size}")
+        if ids_BT.shape[1] > cfg.max_len:
+            raise ValueError(f"input_ids have {ids_BT.shape[1]} tokens a row; the model takes at most "
+                             f"model.max_len={cfg.max_len}")
+        ones_BT = np.ones(ids_BT.shape, np.int32)
+        return EncodedBatch(ids_BT.astype(np.int32), ones_BT, np.zeros_like(ones_BT))
 
     # ------------------------------------------------------------------------- decoding (causal LMs)
 

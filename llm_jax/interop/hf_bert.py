@@ -12,70 +12,32 @@ Shape letters: D model width, N heads, H head width, F MLP width, V vocabulary, 
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from absl import logging
 
-from llm_jax.models import layer_layout
-from llm_jax.models.model_config import ModelConfig, padded_vocab
+from llm_jax.interop.hf_common import (EXPORT_ACTIVATIONS, HF_ACTIVATIONS, Architecture, ConfigTypes,
+                                       ConversionError, ImportedTokenizer, TensorMap, activation_from_hf,
+                                       check_copy_shape, check_export_activation, check_full_width_heads,
+                                       check_model_type, check_required, check_shapes, check_tied, hf_value,
+                                       linear_maps, maps_to_params, norm_maps, params_to_state_dict, read_json,
+                                       vocab_sizes)
+from llm_jax.models.model_config import ModelConfig
 
 FAMILY = "encoder"
 # architectures -> (heads, pooler) they carry; what a checkpoint holds is read from its tensors
 ARCHITECTURES = {"BertModel": ((), True), "BertForPreTraining": (("mlm", "nsp"), True),
                  "BertForMaskedLM": (("mlm",), False)}
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-                  "silu": "silu", "swish": "silu"}
-EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
 EXPORTED_HEADS = ("mlm", "nsp")
 TIED_DECODER = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")  # copies of other tensors
-
-
-class ConversionError(ValueError):
-    """A checkpoint or model that cannot be converted; the message names the file, tensor or key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-    """One parameter <-> one transformers tensor. `layout`: copy; linear (kernel = W.T, reshaped);
-    reshape (bias split into heads); vocab (rows padded to the padded vocabulary)."""
-
-    path: tuple[str, ...]
-    hf_key: str
-    hf_shape: tuple[int, ...]
-    param_shape: tuple[int, ...]
-    layout: str = "copy"
-
-    def to_param(self, tensor: np.ndarray) -> np.ndarray:
-        tensor = np.asarray(tensor, np.float32)
-        if self.layout == "linear":
-            return tensor.T.reshape(self.param_shape)
-        if self.layout == "vocab":
-            padding = [(0, self.param_shape[0] - self.hf_shape[0])] + [(0, 0)] * (tensor.ndim - 1)
-            return np.pad(tensor, padding)
-        return tensor.reshape(self.param_shape)
-
-    def to_hf(self, param: np.ndarray) -> np.ndarray:
-        param = np.asarray(param, np.float32)
-        if self.layout == "linear":
-            return np.ascontiguousarray(param.reshape(self.hf_shape[::-1]).T)
-        if self.layout == "vocab":
-            return np.ascontiguousarray(param[:self.hf_shape[0]])
-        return param.reshape(self.hf_shape)
-
-
-def _dense(path: tuple[str, ...], hf_name: str, in_shape: tuple[int, ...],
-           out_shape: tuple[int, ...]) -> list[TensorMap]:
-    """A torch Linear ([out, in] weight, [out] bias) as a kernel [*in, *out] and bias [*out]."""
-    hf_out, hf_in = math.prod(out_shape), math.prod(in_shape)
-    return [TensorMap(path + ("kernel",), f"{hf_name}.weight", (hf_out, hf_in), in_shape + out_shape, "linear"),
-            TensorMap(path + ("bias",), f"{hf_name}.bias", (hf_out,), out_shape, "reshape")]
-
-
-def _norm(path: tuple[str, ...], hf_name: str, d_model: int) -> list[TensorMap]:
-    return [TensorMap(path + ("scale",), f"{hf_name}.weight", (d_model,), (d_model,)),
-            TensorMap(path + ("bias",), f"{hf_name}.bias", (d_model,), (d_model,))]
+HF_VOCAB, HF_TOKENIZER_CONFIG = "vocab.txt", "tokenizer_config.json"
+IMPORT_SEQ_LEN = 128
+TYPES = ConfigTypes(sizes=("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                           "vocab_size", "max_position_embeddings"), counts=("type_vocab_size",),
+                    numbers=("layer_norm_eps", "hidden_dropout_prob", "initializer_range"),
+                    strings=("hidden_act", "position_embedding_type"))
 
 
 def _block_map(cfg: ModelConfig, layer: int, prefix: str) -> list[TensorMap]:
@@ -83,12 +45,12 @@ def _block_map(cfg: ModelConfig, layer: int, prefix: str) -> list[TensorMap]:
     ours, hf = (f"block_{layer}",), f"{prefix}encoder.layer.{layer}."
     maps = []
     for name in ("query", "key", "value"):
-        maps += _dense(ours + ("attention", name), f"{hf}attention.self.{name}", (D,), (N, H))
-    maps += _dense(ours + ("attention", "out"), f"{hf}attention.output.dense", (N, H), (D,))
-    maps += _norm(ours + ("attention_norm",), f"{hf}attention.output.LayerNorm", D)
-    maps += _dense(ours + ("mlp", "up"), f"{hf}intermediate.dense", (D,), (F,))
-    maps += _dense(ours + ("mlp", "down"), f"{hf}output.dense", (F,), (D,))
-    maps += _norm(ours + ("mlp_norm",), f"{hf}output.LayerNorm", D)
+        maps += linear_maps(ours + ("attention", name), f"{hf}attention.self.{name}", (D,), (N, H))
+    maps += linear_maps(ours + ("attention", "out"), f"{hf}attention.output.dense", (N, H), (D,))
+    maps += norm_maps(ours + ("attention_norm",), f"{hf}attention.output.LayerNorm", D)
+    maps += linear_maps(ours + ("mlp", "up"), f"{hf}intermediate.dense", (D,), (F,))
+    maps += linear_maps(ours + ("mlp", "down"), f"{hf}output.dense", (F,), (D,))
+    maps += norm_maps(ours + ("mlp_norm",), f"{hf}output.LayerNorm", D)
     return maps
 
 
@@ -103,17 +65,17 @@ def tensor_map(cfg: ModelConfig, prefix: str = "") -> list[TensorMap]:
     if cfg.type_vocab_size:
         maps.append(TensorMap(("token_type_embedding", "embedding"), f"{emb}token_type_embeddings.weight",
                               (cfg.type_vocab_size, D), (cfg.type_vocab_size, D)))
-    maps += _norm(("embedding_norm",), f"{emb}LayerNorm", D)
+    maps += norm_maps(("embedding_norm",), f"{emb}LayerNorm", D)
     for layer in range(cfg.num_layers):
         maps += _block_map(cfg, layer, prefix)
     if cfg.pooler:
-        maps += _dense(("pooler",), f"{prefix}pooler.dense", (D,), (D,))
+        maps += linear_maps(("pooler",), f"{prefix}pooler.dense", (D,), (D,))
     if "mlm" in cfg.heads:
-        maps += _dense(("mlm_head", "transform"), "cls.predictions.transform.dense", (D,), (D,))
-        maps += _norm(("mlm_head", "transform_norm"), "cls.predictions.transform.LayerNorm", D)
+        maps += linear_maps(("mlm_head", "transform"), "cls.predictions.transform.dense", (D,), (D,))
+        maps += norm_maps(("mlm_head", "transform_norm"), "cls.predictions.transform.LayerNorm", D)
         maps.append(TensorMap(("mlm_head", "output_bias"), "cls.predictions.bias", (V,), (P,), "vocab"))
     if "nsp" in cfg.heads:
-        maps += _dense(("nsp_head",), "cls.seq_relationship", (D,), (2,))
+        maps += linear_maps(("nsp_head",), "cls.seq_relationship", (D,), (2,))
     return maps
 
 
@@ -121,25 +83,17 @@ def tensor_map(cfg: ModelConfig, prefix: str = "") -> list[TensorMap]:
 
 
 def _hf_value(hf_config: Mapping[str, Any], name: str, source: str) -> Any:
-    if name not in hf_config:
-        raise ConversionError(f"{source}: no {name!r} entry; is this a BERT config.json?")
-    return hf_config[name]
+    return hf_value(hf_config, name, source, "BERT")
 
 
 def check_hf_config(hf_config: Mapping[str, Any], source: str = "config.json") -> None:
     """A BERT config this converter maps exactly; one-line errors naming `source` and the entry."""
-    model_type = hf_config.get("model_type")
-    if model_type != "bert":
-        raise ConversionError(f"{source}: model_type={model_type!r} is not supported; only 'bert' converts "
-                              "(BertModel, BertForPreTraining, BertForMaskedLM)")
+    check_model_type(hf_config, "bert", ARCHITECTURES, source)
     unsupported = [name for name in hf_config.get("architectures") or () if name not in ARCHITECTURES]
     if unsupported:
         raise ConversionError(f"{source}: architectures {unsupported} are not supported; only "
                               f"{', '.join(ARCHITECTURES)} convert")
-    activation = _hf_value(hf_config, "hidden_act", source)
-    if activation not in HF_ACTIVATIONS:
-        raise ConversionError(f"{source}: hidden_act={activation!r} is not supported; one of "
-                              f"{', '.join(HF_ACTIVATIONS)}")
+    activation_from_hf(hf_config, "hidden_act", source, "BERT")
     position_type = hf_config.get("position_embedding_type", "absolute")
     if position_type != "absolute":
         raise ConversionError(f"{source}: position_embedding_type={position_type!r} is not supported; only "
@@ -179,10 +133,9 @@ def model_config_from_hf(hf_config: Mapping[str, Any], vocab_pad_multiple: int =
     width, num_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
     vocab = _hf_value(hf_config, "vocab_size", source)
     return dict(
-        family=FAMILY, num_layers=_hf_value(hf_config, "num_hidden_layers", source), num_heads=num_heads,
-        num_kv_heads=num_heads, d_model=width, d_ff=_hf_value(hf_config, "intermediate_size", source),
-        head_dim=width // num_heads, vocab_size=vocab, vocab_pad_multiple=vocab_pad_multiple,
-        padded_vocab_size=padded_vocab(vocab, vocab_pad_multiple, {}),  # no mesh yet: a vocab_pad_multiple multiple
+        **vocab_sizes(vocab, vocab_pad_multiple), family=FAMILY,
+        num_layers=_hf_value(hf_config, "num_hidden_layers", source), num_heads=num_heads, num_kv_heads=num_heads,
+        d_model=width, d_ff=_hf_value(hf_config, "intermediate_size", source), head_dim=width // num_heads,
         max_len=_hf_value(hf_config, "max_position_embeddings", source), positional="learned",
         norm="layernorm", norm_position="post", norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
         activation=HF_ACTIVATIONS[hf_config["hidden_act"]], mlp="standard", use_bias=True,
@@ -193,18 +146,10 @@ def model_config_from_hf(hf_config: Mapping[str, Any], vocab_pad_multiple: int =
 
 def check_exportable(cfg: ModelConfig) -> None:
     """`cfg` is a model transformers' BERT computes exactly; the error names the model key that is not."""
-    required = {"family": FAMILY, "positional": "learned", "norm": "layernorm", "norm_position": "post",
-                "mlp": "standard", "use_bias": True, "embedding_norm": True, "tie_embeddings": True}
-    for name, value in required.items():
-        if getattr(cfg, name) != value:
-            raise ConversionError(f"model.{name}={getattr(cfg, name)!r}: BERT needs {name}={value!r}, "
-                                  "so this model cannot be exported to transformers' BertModel")
-    if cfg.activation not in EXPORT_ACTIVATIONS:
-        raise ConversionError(f"model.activation={cfg.activation!r} has no BERT hidden_act; one of "
-                              f"{', '.join(EXPORT_ACTIVATIONS)}")
-    if cfg.num_kv_heads != cfg.num_heads or cfg.head_dim * cfg.num_heads != cfg.d_model:
-        raise ConversionError(f"model.num_kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}: BERT needs "
-                              f"num_kv_heads=num_heads={cfg.num_heads} and head_dim=d_model/num_heads")
+    check_required(cfg, {"family": FAMILY, "positional": "learned", "norm": "layernorm", "norm_position": "post",
+                         "mlp": "standard", "use_bias": True, "embedding_norm": True, "tie_embeddings": True}, "BERT")
+    check_export_activation(cfg, EXPORT_ACTIVATIONS, "hidden_act", "BERT")
+    check_full_width_heads(cfg, "BERT")
     if cfg.type_vocab_size < 1:
         raise ConversionError("model.type_vocab_size=0: BERT always has token-type embeddings; set it >= 1")
     if "nsp" in cfg.heads and ("mlm" not in cfg.heads or not cfg.pooler):
@@ -255,56 +200,14 @@ def _ignored(name: str) -> bool:
     return name.endswith("embeddings.position_ids") or name in TIED_DECODER
 
 
-def _listed(names: list[str], limit: int = 5) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def check_tensor_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, source: str = "model.safetensors",
                         config_source: str = "config.json") -> None:
     """The tensors `shapes` (canonical name -> shape) are exactly those of `cfg`; the error names `source`,
     the tensor, its shape and the one `config_source` implies, or the missing and unexpected tensors."""
-    maps = tensor_map(cfg, encoder_prefix(shapes))
-    expected = {m.hf_key: m.hf_shape for m in maps}
-    missing = [key for key in expected if key not in shapes]
-    if missing:
-        raise ConversionError(f"{source}: missing tensors {_listed(missing)} (needed by {config_source}: "
-                              f"{cfg.num_layers} layers, heads {list(cfg.heads)})")
-    unexpected = sorted(key for key in shapes if key not in expected and not _ignored(key))
-    if unexpected:
-        raise ConversionError(f"{source}: tensors {_listed(unexpected)} are not part of the BERT that "
-                              f"{config_source} describes ({cfg.num_layers} layers); this converter would drop them")
-    for key, shape in expected.items():
-        if tuple(shapes[key]) != shape:
-            raise ConversionError(f"{source}: tensor {key} has shape {tuple(shapes[key])} but {config_source} "
-                                  f"implies {shape}")
     prefix = encoder_prefix(shapes)
-    decoder = shapes.get(TIED_DECODER[0])
-    if decoder is not None and tuple(decoder) != (cfg.vocab_size, cfg.d_model):
-        raise ConversionError(f"{source}: tensor {TIED_DECODER[0]} has shape {tuple(decoder)} but {config_source} "
-                              f"implies {(cfg.vocab_size, cfg.d_model)} (the {prefix}embeddings' shape)")
-
-
-def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for depth, name in enumerate(path):
-        if not isinstance(tree, Mapping) or name not in tree:
-            raise ConversionError(f"the parameters have no {'/'.join(path[:depth + 1])}: not an encoder's "
-                                  "parameter tree (see llm_jax.interop.hf_bert.tensor_map)")
-        tree = tree[name]
-    return tree
-
-
-def _check_tied_decoder(state_dict: Mapping[str, np.ndarray], embedding_key: str, source: str) -> None:
-    decoder = state_dict.get(TIED_DECODER[0])
-    if decoder is not None and not np.array_equal(decoder, state_dict[embedding_key]):
-        raise ConversionError(f"{source}: {TIED_DECODER[0]} differs from {embedding_key}: an untied MLM decoder "
-                              "is not supported (the encoder ties it to the token embedding)")
+    check_shapes(tensor_map(cfg, prefix), shapes, _ignored, f"{cfg.num_layers} layers, heads {list(cfg.heads)}",
+                 source, config_source)
+    check_copy_shape(shapes, TIED_DECODER[0], cfg, source, config_source, f"{prefix}embeddings'")
 
 
 def hf_to_params(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig, source: str = "model.safetensors",
@@ -315,11 +218,8 @@ def hf_to_params(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig, source:
     state_dict = {canonical_name(name): tensor for name, tensor in state_dict.items()}
     check_tensor_shapes({name: tuple(np.shape(t)) for name, t in state_dict.items()}, cfg, source, config_source)
     maps = tensor_map(cfg, encoder_prefix(state_dict))
-    _check_tied_decoder(state_dict, maps[0].hf_key, source)
-    params: dict[str, Any] = {}
-    for m in maps:
-        _set(params, m.path, m.to_param(state_dict[m.hf_key]))
-    return layer_layout.to_layout(params, cfg.scan_layers)
+    check_tied(state_dict, TIED_DECODER[0], maps[0].hf_key, source)
+    return maps_to_params(maps, state_dict, cfg.scan_layers)
 
 
 def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -328,6 +228,73 @@ def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.nd
     be in either layer layout."""
     check_exportable(cfg)
     cfg = export_config(cfg)
-    params = layer_layout.to_looped(params)
     prefix = "" if export_architecture(cfg) == "BertModel" else "bert."
-    return {m.hf_key: m.to_hf(np.asarray(_get(params, m.path))) for m in tensor_map(cfg, prefix)}
+    return params_to_state_dict(tensor_map(cfg, prefix), params, "encoder")
+
+
+# ----------------------------------------------------------------------------- tokenizer and convert
+
+
+def _lowercase(src: str) -> bool:
+    """tokenizer_config.json's do_lower_case (BertTokenizer's default True when absent)."""
+    path = os.path.join(src, HF_TOKENIZER_CONFIG)
+    return bool(read_json(path).get("do_lower_case", True)) if os.path.isfile(path) else True
+
+
+def import_tokenizer(src: str, cfg: ModelConfig, kind: str | None = None, path: str = "") -> ImportedTokenizer:
+    """The WordPiece tokenizer of the folder's vocab.txt (or `path`), whose line count must be the embedding's row
+    count, and the masked-LM data settings of an imported BERT."""
+    from llm_jax.data.tokenizers import WordPieceTokenizer, read_wordpiece_vocab
+
+    if kind not in (None, "wordpiece"):
+        raise ConversionError(f"--tokenizer={kind}: a BERT import reads a WordPiece vocab.txt (--tokenizer=wordpiece)")
+    path = path or os.path.join(src, HF_VOCAB)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; the import needs the model's WordPiece vocab.txt")
+    with open(path, "rb") as f:
+        vocab_bytes = f.read()
+    tokens = read_wordpiece_vocab(vocab_bytes, path)
+    if len(tokens) != cfg.vocab_size:
+        raise ConversionError(f"{path}: vocab.txt has {len(tokens)} tokens but embeddings have {cfg.vocab_size} rows")
+    lowercase = _lowercase(src)
+    data = dict(tokenizer="wordpiece", tokenizer_path=os.path.abspath(path), lowercase=lowercase,
+                objective="masked_lm", seq_len=min(IMPORT_SEQ_LEN, cfg.max_len),
+                sentence_task="nsp" if "nsp" in cfg.heads else "none")
+    return ImportedTokenizer(WordPieceTokenizer(vocab_bytes, path, lowercase=lowercase), data)
+
+
+def write_tokenizer(tokenizer: Any, dst: str) -> None:
+    """vocab.txt and tokenizer_config.json for WordPiece runs; other tokenizers have no BERT vocab file."""
+    import json
+
+    if getattr(tokenizer, "kind", None) != "wordpiece":
+        logging.warning("vocab.txt not exported: the run's tokenizer is %r, which transformers' BertTokenizer "
+                        "cannot read (it reads WordPiece vocab.txt files only); tokenize with llm_jax's "
+                        "tokenizer in DIR/tokenizer", getattr(tokenizer, "kind", type(tokenizer).__name__))
+        return
+    with open(os.path.join(dst, HF_VOCAB), "wb") as f:
+        f.write(tokenizer.file_bytes)
+    tokenizer_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": tokenizer.lowercase,
+                        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                        "mask_token": "[MASK]"}
+    with open(os.path.join(dst, HF_TOKENIZER_CONFIG), "w") as f:
+        json.dump(tokenizer_config, f, indent=2)
+
+
+def _exported_config(cfg: ModelConfig, special_ids: Mapping[str, int]) -> dict[str, Any]:
+    """config.json of the export, with a warning for the heads (and pooler) the BERT class has no tensors for."""
+    hf_config = hf_config_from_model(cfg, pad_token_id=special_ids.get("pad", 0))
+    kept = export_config(cfg)
+    skipped = sorted(set(cfg.heads) - set(kept.heads))
+    if skipped or (cfg.pooler and not kept.pooler):
+        logging.warning("not exported (no tensors in %s): heads %s%s", hf_config["architectures"][0], skipped,
+                        ", the pooler" if cfg.pooler and not kept.pooler else "")
+    return hf_config
+
+
+ARCHITECTURE = Architecture(
+    name="BERT", model_type="bert", classes=tuple(ARCHITECTURES), types=TYPES,
+    model_config=model_config_from_hf,
+    check_tensor_shapes=check_tensor_shapes, hf_to_params=hf_to_params, tokenizer=import_tokenizer,
+    hf_config_from_model=_exported_config, params_to_hf=params_to_hf, write_tokenizer=write_tokenizer,
+    canonical_name=canonical_name)
