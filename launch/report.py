@@ -3,6 +3,7 @@
     python -m launch.report runs/sweep                          # or --sweep_dir=runs/sweep
     python -m launch.report runs/sweep --metrics=eval/accuracy,eval/f1
     python -m launch.report runs/sweep --fit=params             # eval/loss = E + A * N^(-alpha); --fit=flops
+    python -m launch.length_report runs/sweep --factors=1,2,4   # eval loss at 1x/2x/4x the trained length
 
 Reads SWEEP_DIR/sweep.json and each run's metrics.jsonl and sweep_run.json; writes SWEEP_DIR/report.md,
 SWEEP_DIR/report.csv and SWEEP_DIR/loss_curves.{png,svg,pdf}, and prints the table. Runs without metrics are
@@ -12,10 +13,10 @@ one colour per value of the first swept key, a marker and line style per value o
 
 Columns: the final value (last logged) of each metric in --metrics; by default every metric any run logged
 except bookkeeping (data/*, learning rate, gradient norm, throughput, MFU, token and example counters, skipped
-updates: how a run went, not how good its model is), eval/* first, then other evaluated splits (eval_test/*),
-then train/*, each group with its loss first, then by name. So MLM, classification and seq2seq sweeps report
-their own metrics (eval/mlm_accuracy, eval/accuracy, eval/f1, ...) without a flag. A name no run logged is an
-error that lists the names the runs have.
+updates, evaluation lengths: how a run went, not how good its model is), eval/* first, then other evaluated
+splits (eval_test/*, eval_len256/* of evaluate --seq_len), then train/*, each group with its loss first, then by
+name. So MLM, classification and seq2seq sweeps report their own metrics (eval/mlm_accuracy, eval/accuracy,
+eval/f1, ...) without a flag. A name no run logged is an error that lists the names the runs have.
 
 --fit=AXIS adds a scaling-law fit of --fit_metric (eval/loss) over the finished runs to report.md and the
 printout, and writes SWEEP_DIR/scaling_fit_AXIS.png; the fit and its axes are described in launch/scaling_fit.py.
@@ -41,7 +42,7 @@ DEFAULT_COLUMNS = ("eval/loss", "eval/perplexity", "train/loss")  # report_row's
 # left out of the default columns (still available through --metrics): counters, throughput, optimizer state
 BOOKKEEPING_PREFIXES = ("data",)
 BOOKKEEPING_NAMES = ("learning_rate", "grad_norm", "tokens_per_second", "mfu", "tokens", "examples",
-                     "skipped_updates")
+                     "skipped_updates", "seq_len")  # seq_len: evaluate --seq_len's length (eval_lenN/seq_len)
 FIT_METRIC = "eval/loss"  # what --fit fits unless --fit_metric says otherwise
 PLOT_STEM = "loss_curves"
 PLOT_FORMATS = ("png", "svg", "pdf")  # png to look at; svg and pdf (text kept as text) for papers and slides

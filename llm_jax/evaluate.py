@@ -2,48 +2,65 @@
 "source": "evaluate" so they are told apart from the training run's own lines.
 
     python -m llm_jax.evaluate --workdir=runs/shakespeare_char --split=validation --eval_steps=200
+    python -m llm_jax.evaluate --workdir=runs/shakespeare_char --seq_len=256      # at 4x the trained context
+
+With --seq_len=N the rows hold N tokens, scored directly or by sliding windows of model.max_len tokens (learned
+positions), and the metrics are named eval_lenN/* with eval_lenN/length_method saying which method ran (see
+llm_jax/training/length_eval.py).
 """
 
 from __future__ import annotations
 
 import json
 
-import jax
 from absl import app, flags, logging
 
 from llm_jax.cli import check_saved_run, quiet_library_logs, run_reporting_errors
 from llm_jax.errors import ConfigError
-from llm_jax.training.evaluation import Evaluator
-from llm_jax.training.metrics import MetricsWriter
+from llm_jax.training import length_eval
 from llm_jax.training.run import build_saved_run, restore_latest_params
-from llm_jax.workdir_lock import metrics_lock
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by llm_jax.train")
 _SPLIT = flags.DEFINE_string("split", None, "split to evaluate (default: the run's data.eval_split)")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "batches to evaluate, -1 = the whole split with "
                                    "data.pipeline=grain (default: the run's train.eval_steps)")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "evaluate on rows of this many tokens instead of the run's "
+                                "data.seq_len (length generalisation; may exceed model.max_len)")
+_LENGTH_METHOD = flags.DEFINE_enum("length_method", length_eval.AUTO,
+                                   [length_eval.AUTO, *length_eval.LENGTH_METHODS.names()],
+                                   "with --seq_len: direct, sliding_window (windows of model.max_len tokens), or auto "
+                                   "(sliding_window for absolute-position tables past model.max_len, else direct)")
+_STRIDE = flags.DEFINE_integer("stride", 0, "with --length_method=sliding_window: tokens between windows "
+                               "(0 = model.max_len // 2)")
 flags.mark_flag_as_required("workdir")
 
-SOURCE_FIELDS = {"source": "evaluate"}  # in each metrics.jsonl line evaluate appends (not sent to TensorBoard)
+SOURCE_FIELDS = length_eval.SOURCE_FIELDS  # in each metrics.jsonl line evaluate appends (not sent to TensorBoard)
 
 
-def evaluate_checkpoint(workdir: str, split: str | None, eval_steps: int | None
-                        ) -> tuple[int, dict[str, float], str]:
-    """(step, metrics, the task's report, e.g. per-class precision/recall) of the latest checkpoint; the metric
-    names carry the split unless it is the run's evaluation split (data.eval_split)."""
+def evaluate_checkpoint(workdir: str, split: str | None, eval_steps: int | None, seq_len: int | None = None,
+                        length_method: str = length_eval.AUTO, stride: int = 0
+                        ) -> tuple[int, dict[str, float], str, dict[str, str]]:
+    """(step, metrics, the task's report, e.g. per-class precision/recall, extra JSON fields) of the latest
+    checkpoint; the metric names carry the split unless it is the run's evaluation split (data.eval_split), and
+    with `seq_len` the length (eval_lenN/*; see llm_jax.training.length_eval)."""
     if eval_steps is not None and eval_steps != -1 and eval_steps < 1:
         raise ConfigError(f"--eval_steps={eval_steps}: give a number of batches >= 1, or -1 for the whole split")
+    if seq_len is not None:
+        seq_len = length_eval.check_options(seq_len, length_method, stride)
+        check_saved_run(workdir)
+        step, metrics, fields, report = length_eval.evaluate_at_length(workdir, seq_len, split, eval_steps,
+                                                                       length_method, stride)
+        return step, metrics, report, fields
+    if length_method != length_eval.AUTO or stride:
+        raise ConfigError("--length_method and --stride choose how --seq_len=N is evaluated; give --seq_len too")
     check_saved_run(workdir)
     run = build_saved_run(workdir, with_data=True)
     split = split or run.config.data.eval_split
     step, params = restore_latest_params(run)
-    with jax.set_mesh(run.mesh), run.rules_context():
-        evaluator = Evaluator(run)
-        metrics = evaluator.evaluate(params, split, eval_steps or run.config.train.eval_steps)
-        report = run.task.report(evaluator.last_sums)
+    metrics, report = length_eval.evaluate_run(run, params, split, eval_steps)
     if split != run.config.data.eval_split:
         metrics = {key.replace("eval/", f"eval_{split}/"): value for key, value in metrics.items()}
-    return step, metrics, report
+    return step, metrics, report, {}
 
 
 def main(argv: list[str]) -> None:
@@ -52,15 +69,13 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
 
     def evaluate_and_report() -> None:
-        step, metrics, report = evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _EVAL_STEPS.value)
-        with metrics_lock(_WORKDIR.value):  # a resuming trainer rewrites metrics.jsonl under the same lock
-            writer = MetricsWriter(_WORKDIR.value)
-            writer.write(step, metrics, json_fields=SOURCE_FIELDS)
-            writer.close()
+        step, metrics, report, fields = evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _EVAL_STEPS.value,
+                                                            _SEQ_LEN.value, _LENGTH_METHOD.value, _STRIDE.value)
+        length_eval.append_eval_record(_WORKDIR.value, step, metrics, fields)
         logging.info("step %d | %s", step, metrics)
         if report:
             logging.info("step %d, split %s:\n%s", step, _SPLIT.value or "evaluation", report)
-        print(json.dumps({"step": step, **metrics}))
+        print(json.dumps({"step": step, **metrics, **fields}))
 
     run_reporting_errors(evaluate_and_report, (ConfigError, FileNotFoundError, ValueError))
 

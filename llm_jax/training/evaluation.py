@@ -4,6 +4,8 @@ sentence-pair, accuracy and F1 metrics for the encoder tasks)."""
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import jax
 import numpy as np
 
@@ -21,10 +23,15 @@ class Evaluator:
         self.step = jax.jit(make_eval_step(run.model, run.task), in_shardings=(run.shardings.params, self.shardings))
         self.last_sums: dict[str, np.ndarray] = {}
 
-    def evaluate(self, params, split: str, num_batches: int) -> dict[str, float]:
+    def evaluate(self, params, split: str, num_batches: int,
+                 views: Callable[[dict[str, np.ndarray]], Iterable[dict[str, np.ndarray]]] | None = None
+                 ) -> dict[str, float]:
+        """The task's metrics over `num_batches` batches of `split`; `views` turns each batch into the batches
+        actually scored (the sliding windows of llm_jax.training.length_eval), one step per view."""
         totals = None
         for local in self.run.data.eval_batches(split, num_batches):
-            sums = self.step(params, global_batch(local, self.shardings, 0, self.run.config.train.batch_size))
-            totals = sums if totals is None else jax.tree.map(jax.numpy.add, totals, sums)
+            for view in views(local) if views is not None else (local,):
+                sums = self.step(params, global_batch(view, self.shardings, 0, self.run.config.train.batch_size))
+                totals = sums if totals is None else jax.tree.map(jax.numpy.add, totals, sums)
         self.last_sums = jax.device_get(totals)
         return self.run.task.finalize(self.last_sums)
