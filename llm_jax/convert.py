@@ -3,7 +3,7 @@
     python -m llm_jax.convert --from=hf --src=HF_DIR --workdir=DIR [--tokenizer_path=FILE --tokenizer=KIND]
     python -m llm_jax.convert --to=hf --workdir=DIR --dst=HF_DIR
 
-The architectures are those of llm_jax.interop.architectures (BERT, GPT-2, Llama), chosen by config.json's
+The architectures are those of llm_jax.interop.architectures (BERT, GPT-2, Llama, T5), chosen by config.json's
 `architectures` on import and by the run's model.family/model.positional on export. The import writes what a
 training run leaves (DIR/config.json, DIR/tokenizer, DIR/checkpoints/0 with the full train state), so
 `llm_jax.evaluate`, `llm_jax.generate`, `llm_jax.load(DIR)` and `--config.train.init_from=DIR` take it. It reads
@@ -37,7 +37,7 @@ from llm_jax.models.model_config import ModelConfig, config_fields, make_model_c
 _FROM = flags.DEFINE_enum("from", None, ["hf"], "import from this format (with --src)")
 _TO = flags.DEFINE_enum("to", None, ["hf"], "export to this format (with --dst)")
 _SRC = flags.DEFINE_string("src", None, "Hugging Face model folder to import (config.json, model.safetensors, "
-                           "and BERT's vocab.txt or Llama's tokenizer.model)")
+                           "and BERT's vocab.txt, Llama's tokenizer.model or T5's spiece.model)")
 _DST = flags.DEFINE_string("dst", None, "folder the Hugging Face model is written to")
 _WORKDIR = flags.DEFINE_string("workdir", None, "work directory: written by the import, read by the export")
 _DATA_PATH = flags.DEFINE_string("data_path", "", "import: data.path of the written config (the text that "
@@ -75,7 +75,8 @@ def _check_param_tree(params: Any, mc: ModelConfig, source: str) -> None:
     from llm_jax.models.families import build_model
 
     tokens_BT = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    boxed = jax.eval_shape(build_model(mc).init, {"params": jax.random.key(0)}, tokens_BT)["params"]
+    inputs = (tokens_BT, tokens_BT) if mc.family == "encoder_decoder" else (tokens_BT,)  # + decoder tokens
+    boxed = jax.eval_shape(build_model(mc).init, {"params": jax.random.key(0)}, *inputs)["params"]
     expected = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in _flat(nn.unbox(boxed))}
     got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in _flat(params)}
     problems = [f"{label} {names[:5]}" for label, names in (

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from llm_jax.interop import hf_bert, hf_gpt2, hf_llama
+from llm_jax.interop import hf_bert, hf_gpt2, hf_llama, hf_t5
 from llm_jax.interop.hf_common import Architecture, ConversionError
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.registry import Registry
 
-CONVERTERS = (hf_bert.ARCHITECTURE, hf_gpt2.ARCHITECTURE, hf_llama.ARCHITECTURE)
+CONVERTERS = (hf_bert.ARCHITECTURE, hf_gpt2.ARCHITECTURE, hf_llama.ARCHITECTURE, hf_t5.ARCHITECTURE)
 ARCHITECTURES: Registry[Architecture] = Registry("Hugging Face architecture")
 for _converter in CONVERTERS:
     for _name in _converter.classes:
@@ -24,7 +24,7 @@ MODEL_TYPES = {converter.model_type: converter.classes[0] for converter in CONVE
 # (model.family, model.positional or None for any) -> the converter an export uses
 EXPORTS: dict[tuple[str, str | None], Architecture] = {
     ("encoder", None): hf_bert.ARCHITECTURE, ("decoder", "learned"): hf_gpt2.ARCHITECTURE,
-    ("decoder", "rope"): hf_llama.ARCHITECTURE}
+    ("decoder", "rope"): hf_llama.ARCHITECTURE, ("encoder_decoder", "t5_relative_bias"): hf_t5.ARCHITECTURE}
 
 
 def supported() -> str:

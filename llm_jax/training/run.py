@@ -59,8 +59,14 @@ class Run:
         return nn.logical_axis_rules(self.rules)
 
 
-def _check_vocab(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
-    if config.model.vocab_size is not None and config.model.vocab_size != tokenizer.vocab_size:
+def _check_vocab(config: ml_collections.ConfigDict, tokenizer: Tokenizer, extra_vocab: int = 0) -> None:
+    """model.vocab_size, when set, is the tokenizer's; a task that reserves `extra_vocab` ids above it (an
+    encoder-decoder's sentinels) may have more rows, never fewer (an imported T5: 32000 pieces, 100 sentinels and
+    28 unused rows in 32128)."""
+    vocab = config.model.vocab_size
+    if extra_vocab and vocab is not None and vocab >= tokenizer.vocab_size + extra_vocab:
+        return
+    if vocab is not None and vocab != tokenizer.vocab_size:
         raise config_lib.ConfigError(
             f"model.vocab_size={config.model.vocab_size} does not match the {tokenizer.kind} tokenizer's "
             f"{tokenizer.vocab_size} ids (data.tokenizer={config.data.tokenizer!r}); leave model.vocab_size unset to "
@@ -89,7 +95,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *, devices: Seque
         tokenizer = data.tokenizer
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
-    _check_vocab(config, tokenizer)
+    _check_vocab(config, tokenizer, task.extra_vocab())
     if saved_model_config is not None:  # a saved run read on another backend (cudnn-trained, CPU-evaluated) uses xla
         model_config = saved_model_config.replace(attention_impl=runnable_impl(saved_model_config))
         if model_config.attention_impl != saved_model_config.attention_impl:
