@@ -36,9 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        eval_split="validation", test_path=os.path.join(data_dir, "sst2_test.tsv"),
                        tokenizer_path=os.path.join(PRETRAINED, "tokenizer", "spm.model"), seq_len=64,
                        targets_seq_len=16)
-    config.train.update(init_from=PRETRAINED, steps=600, batch_size=32, log_every=50, eval_every=200,
-                        eval_steps=-1, checkpoint_every=600, steps_per_dispatch=10)
-    config.optimizer.update(learning_rate=5e-4, warmup_steps=50, min_learning_rate=5e-5)
+    config.train.update(init_from=PRETRAINED, steps=1000, batch_size=32, log_every=50, eval_every=250,
+                        eval_steps=-1, checkpoint_every=1000, steps_per_dispatch=10)
+    config.optimizer.update(learning_rate=1e-3, warmup_steps=50, min_learning_rate=5e-5)
     if variant == "quick":
         config.data.update(tokenizer_path="", seq_len=32, targets_seq_len=8)
         config.train.update(init_from="", steps=10, batch_size=8, eval_every=0, eval_steps=2, checkpoint_every=0)

@@ -45,7 +45,8 @@ class TokenEmbedding(nn.Module):
         cfg = self.config
         self.embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.embedding_init_std or cfg.init_std),
+                                         ("vocab", "embed")),
             (cfg.padded_vocab_size, cfg.d_model), cfg.param_dtype)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:

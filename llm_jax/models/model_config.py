@@ -64,6 +64,8 @@ class ModelConfig:
     num_labels: int = key(None, "classes of the classification heads; None = len(data.labels)", type=int)
     crf: bool = key(False, "token classification through a linear-chain CRF (forward-algorithm loss, Viterbi)")
     init_std: float = key(0.02, "stddev of the normal init; residual projections use init_std / sqrt(2 * num_layers)")
+    embedding_init_std: float = key(None, "stddev of the token embedding's init; None = init_std (T5: 1.0, its tied "
+                                          "head scales the decoder output by d_model**-0.5)", type=float)
     dtype: Any = key("float32", "compute dtype (bfloat16 for mixed precision on accelerators)", free_on_resume=True)
     param_dtype: Any = key("float32", "parameter and optimizer-state dtype")
     cpu_tuning: str = key("auto", "CPU-only program changes (a fusion barrier on each block's residual gradient, a "
