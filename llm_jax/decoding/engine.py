@@ -45,6 +45,7 @@ from llm_jax.decoding.options import DecodeOptions
 from llm_jax.decoding.sampling import filter_logits
 from llm_jax.errors import ConfigError
 from llm_jax.models import layer_layout
+from llm_jax.models.attention_masks import uses_prefix
 from llm_jax.registry import Registry
 
 PROMPT_BUCKET, CACHE_BUCKET = 16, 128
@@ -108,10 +109,12 @@ class Engine:
 
     # ------------------------------------------------------------------------- model calls (traced)
 
-    def forward(self, params: Any, cache: Any, tokens_BT: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, Any]:
-        """(float32 logits_BTV over the real vocabulary, new cache): one call of the model in cache mode."""
+    def forward(self, params: Any, cache: Any, tokens_BT: jax.Array, positions_BT: jax.Array,
+                **model_kwargs: jax.Array) -> tuple[jax.Array, Any]:
+        """(float32 logits_BTV over the real vocabulary, new cache): one call of the model in cache mode;
+        `model_kwargs`: a prefix LM's prefix_BT during prefill."""
         outputs, variables = self.model.apply({"params": params, "cache": cache}, tokens_BT, positions_BT,
-                                              mutable=["cache"])
+                                              mutable=["cache"], **model_kwargs)
         return outputs.heads["lm"][..., :self.vocab_size].astype(jnp.float32), variables["cache"]
 
     def empty_cache(self, params: Any, batch: int, slots: int) -> Any:
@@ -123,10 +126,13 @@ class Engine:
 
     def prefill(self, params: Any, tokens_BP: jax.Array, lengths_B: jax.Array, slots: int) -> tuple[jax.Array, Any]:
         """Fills a new cache of `slots` slots from right-padded prompts; returns the logits_BV after each
-        prompt's last token and the cache."""
+        prompt's last token and the cache. A prefix LM (model.attention_mask=prefix_lm) reads each prompt
+        (positions < its length) as its prefix, bidirectionally."""
         B, P = tokens_BP.shape
         positions_BP = jnp.broadcast_to(jnp.arange(P), (B, P))
-        logits_BPV, cache = self.forward(params, self.empty_cache(params, B, slots), tokens_BP, positions_BP)
+        prefix = {"prefix_BT": positions_BP < lengths_B[:, None]} if uses_prefix(self.model.config) else {}
+        logits_BPV, cache = self.forward(params, self.empty_cache(params, B, slots), tokens_BP, positions_BP,
+                                         **prefix)
         last_B11 = (lengths_B - 1)[:, None, None]
         return jnp.take_along_axis(logits_BPV, last_B11, axis=1)[:, 0], cache
 

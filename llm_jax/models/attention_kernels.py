@@ -3,9 +3,11 @@ fused dot products (`xla`, every backend), cuDNN's flash attention (`cudnn`, GPU
 (`splash`, TPU).
 
 Every kernel takes queries `q_BTNH`, keys and values `k_BSKH`/`v_BSKH` (K divides N: grouped-query attention),
-the query and key segment ids (0 = padding; a query reads keys of its own segment), a causal flag and an
-optional additive bias `bias_BNTS` (e.g. ALiBi), and returns `out_BTNH`. Letters: B batch, T query positions,
-S key positions, N query heads, K key/value heads, H head width.
+the query and key segment ids (0 = padding; a query reads keys of its own segment), a causal flag, an
+optional additive bias `bias_BNTS` (e.g. ALiBi) and, under model.attention_mask=prefix_lm, the query and key
+prefix flags `q_prefix_BT`/`k_prefix_BS` (`models.attention_masks`; only `xla` takes them), and returns
+`out_BTNH`. Letters: B batch, T query positions, S key positions, N query heads, K key/value heads, H head
+width.
 
 What a kernel cannot run is checked when the model config is built (`check_attention_impl`), against the
 backend (`jax.default_backend()`) and the config, so a wrong choice fails before anything compiles; shape
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.errors import ConfigError
+from llm_jax.models.attention_masks import ATTENTION_MASKS, prefix_visible
 from llm_jax.models.model_config import ModelConfig
 from llm_jax.registry import Registry
 
@@ -29,7 +32,8 @@ from llm_jax.registry import Registry
 class AttendFn(Protocol):
     def __call__(self, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
                  q_segments_BT: jax.Array | None, k_segments_BS: jax.Array | None, causal: bool,
-                 bias_BNTS: jax.Array | None) -> jax.Array: ...
+                 bias_BNTS: jax.Array | None, q_prefix_BT: jax.Array | None = None,
+                 k_prefix_BS: jax.Array | None = None) -> jax.Array: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,27 +67,60 @@ def attention_mask(q_segments_BT: jax.Array | None, k_segments_BS: jax.Array | N
     return same_BTS[:, None, :, :]
 
 
+def prefix_lm_mask(q_segments_BT: jax.Array | None, k_segments_BS: jax.Array | None, q_prefix_BT: jax.Array,
+                   k_prefix_BS: jax.Array) -> jax.Array:
+    """[B, 1, T, S] mask of self-attention under the prefix LM: the causal segment mask of `attention_mask`,
+    widened to every pair of prefix tokens (of the same segment)."""
+    T, S = q_prefix_BT.shape[1], k_prefix_BS.shape[1]
+    causal_1TS = (jnp.arange(T)[:, None] >= jnp.arange(S)[None, :])[None]
+    visible_B1TS = prefix_visible(q_prefix_BT, k_prefix_BS, causal_1TS)[:, None]
+    segments_B1TS = attention_mask(q_segments_BT, k_segments_BS, causal=True)
+    return visible_B1TS if segments_B1TS is None else visible_B1TS & segments_B1TS
+
+
 def fused_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, q_segments_BT: jax.Array | None,
                     k_segments_BS: jax.Array | None, causal: bool, bias_BNTS: jax.Array | None,
-                    implementation: str) -> jax.Array:
-    """`jax.nn.dot_product_attention` with the segment mask and bias; what `xla` and `cudnn` share.
+                    implementation: str, q_prefix_BT: jax.Array | None = None,
+                    k_prefix_BS: jax.Array | None = None) -> jax.Array:
+    """`jax.nn.dot_product_attention` with the segment mask and bias; what `xla` and `cudnn` share. With prefix
+    flags (prefix LM) the whole mask is explicit (`prefix_lm_mask`) and the fused causal mask is off.
 
     cuDNN wants the bias in the dtype of q (it adds the boolean mask to it as a large negative bias of that
     dtype); XLA adds it to the f32 logits either way, so the cast is a no-op for f32 and for ALiBi's bias,
     which is already in the compute dtype.
     """
-    mask_B1TS = attention_mask(q_segments_BT, k_segments_BS, causal)
+    if q_prefix_BT is not None and k_prefix_BS is not None:
+        mask_B1TS, causal = prefix_lm_mask(q_segments_BT, k_segments_BS, q_prefix_BT, k_prefix_BS), False
+    else:
+        mask_B1TS = attention_mask(q_segments_BT, k_segments_BS, causal)
     if bias_BNTS is not None:
         bias_BNTS = bias_BNTS.astype(q_BTNH.dtype)
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_B1TS, is_causal=causal,
                                         implementation=implementation)
 
 
+def refuse_prefix(impl: str, q_prefix_BT: jax.Array | None) -> None:
+    """A kernel that takes no arbitrary mask fails on prefix flags (check_attention_impl stops it earlier)."""
+    if q_prefix_BT is not None:
+        raise ConfigError(f"model.attention_impl={impl!r} cannot apply model.attention_mask='prefix_lm': use "
+                          "model.attention_impl='xla'")
+
+
+def _prefix_problems(cfg: ModelConfig) -> list[str]:
+    """What cudnn and splash say about a mask they cannot take (they get no arbitrary mask here)."""
+    if ATTENTION_MASKS.get(cfg.attention_mask).uses_prefix:
+        return [f"cannot apply model.attention_mask={cfg.attention_mask!r} (it takes no arbitrary mask here): use "
+                "model.attention_mask=causal"]
+    return []
+
+
 def _cudnn_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, q_segments_BT: jax.Array | None,
-                  k_segments_BS: jax.Array | None, causal: bool, bias_BNTS: jax.Array | None) -> jax.Array:
+                  k_segments_BS: jax.Array | None, causal: bool, bias_BNTS: jax.Array | None,
+                  q_prefix_BT: jax.Array | None = None, k_prefix_BS: jax.Array | None = None) -> jax.Array:
     """cuDNN flash attention. A segment mask or bias becomes one additive [B, N, T, S] bias (jax's cuDNN
     wrapper does that), which costs memory at long sequences; plain causal rows (no segments) take the fused
     causal mask alone. cuDNN needs even sequence lengths when there is a bias."""
+    refuse_prefix("cudnn", q_prefix_BT)
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     has_bias = bias_BNTS is not None or q_segments_BT is not None
     if has_bias and (T % 2 or S % 2):
@@ -95,7 +132,7 @@ def _cudnn_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, q_
 
 
 def _cudnn_problems(cfg: ModelConfig) -> list[str]:
-    problems = []
+    problems = _prefix_problems(cfg)
     if cfg.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         problems.append(f"needs model.dtype bfloat16 or float16 (cuDNN flash attention has no {cfg.dtype.name} "
                         "kernel), got model.dtype=" + repr(cfg.dtype.name))
@@ -118,6 +155,7 @@ def _splash_block(length: int) -> int:
 
 def _splash_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, q_segments_BT: jax.Array | None,
                    k_segments_BS: jax.Array | None, causal: bool, bias_BNTS: jax.Array | None,
+                   q_prefix_BT: jax.Array | None = None, k_prefix_BS: jax.Array | None = None,
                    interpret: bool = False) -> jax.Array:
     """Pallas splash attention (TPU), vmapped over the batch, with a causal (or full) mask and segment ids.
 
@@ -129,6 +167,7 @@ def _splash_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, q
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
+    refuse_prefix("splash", q_prefix_BT)
     if bias_BNTS is not None:  # check_attention_impl stops a positional bias earlier
         raise ConfigError("model.attention_impl='splash' cannot add an attention bias; use model.attention_impl='xla'")
     (_, T, N, H), S = q_BTNH.shape, k_BSKH.shape[1]
@@ -152,10 +191,11 @@ def _splash_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, q
 def _splash_problems(cfg: ModelConfig) -> list[str]:
     from llm_jax.models.positions import POSITIONALS
 
+    problems = _prefix_problems(cfg)
     if POSITIONALS.get(cfg.positional).attention_bias is not None:
-        return [f"cannot add the attention bias that model.positional={cfg.positional!r} needs: use "
-                "model.positional=rope (or learned, sinusoidal, none)"]
-    return []
+        problems.append(f"cannot add the attention bias that model.positional={cfg.positional!r} needs: use "
+                        "model.positional=rope (or learned, sinusoidal, none)")
+    return problems
 
 
 ATTENTION_KERNELS.add("xla", AttentionKernel(None, functools.partial(fused_attention, implementation="xla")))

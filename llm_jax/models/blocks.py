@@ -39,7 +39,8 @@ def post_norm_residual(x_BTD, branch, norm, dropout):
 
 
 class Block(nn.Module):
-    """One block; `causal` selects the self-attention mask, `cross` adds attention over an encoder output."""
+    """One block; `causal` selects the self-attention mask, `cross` adds attention over an encoder output;
+    `prefix_BT` (model.attention_mask=prefix_lm) goes to self-attention only."""
 
     config: ModelConfig
     causal: bool
@@ -48,7 +49,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
                  deterministic: bool, *, bias_BNTS: jax.Array | None = None, encoded_BSD: jax.Array | None = None,
-                 encoded_segment_ids_BS: jax.Array | None = None) -> jax.Array:
+                 encoded_segment_ids_BS: jax.Array | None = None, prefix_BT: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         norm = NORMS.get(cfg.norm)
         materialize_cotangent = residual_barrier(cfg.cpu_tuning)
@@ -59,7 +60,7 @@ class Block(nn.Module):
 
         def self_attention(h_BTD: jax.Array) -> jax.Array:
             out_BTD = MultiHeadAttention(cfg, self.causal, name="attention")(h_BTD, positions_BT, segment_ids_BT,
-                                                                             bias_BNTS=bias_BNTS)
+                                                                             bias_BNTS=bias_BNTS, prefix_BT=prefix_BT)
             return checkpoint_name(out_BTD, ATTENTION_OUT)  # what model.remat=save_names keeps
 
         x_BTD = materialize_cotangent(x_BTD)

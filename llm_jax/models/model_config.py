@@ -82,6 +82,10 @@ class ModelConfig:
     attention_impl: str = key("xla", "attention kernel: xla (every backend), cudnn (GPU flash attention, bfloat16/"
                                      "float16) or splash (TPU Pallas, no positional bias); checked against the backend",
                               registry="llm_jax.models.attention_kernels:ATTENTION_KERNELS", free_on_resume=True)
+    attention_mask: str = key("causal", "self-attention mask of family=decoder: causal, or prefix_lm (tokens of "
+                                        "the prefix, e.g. an SFT prompt, read the whole prefix bidirectionally; "
+                                        "the rest read causally); other families take causal only",
+                              registry="llm_jax.models.attention_masks:ATTENTION_MASKS")
     padded_vocab_size: int = key(None, "embedding rows: vocab_size padded for the mesh axes that shard it",
                                   config=False)
     heads: tuple[str, ...] = key(("lm",), "output heads the task reads (names in models.heads:HEADS)", config=False)
@@ -127,7 +131,8 @@ _COMPONENT_KEYS: dict[str, dataclasses.Field] = {}
 # Modules whose import registers the built-in components (and their keys); every module of the
 # llm_jax.models.components package is imported too, so a new component is one new file there.
 BUILTIN_COMPONENT_MODULES = ("llm_jax.models.positions", "llm_jax.models.norms", "llm_jax.models.mlp",
-                             "llm_jax.models.blocks", "llm_jax.models.attention_kernels", "llm_jax.models.remat",
+                             "llm_jax.models.blocks", "llm_jax.models.attention_kernels",
+                             "llm_jax.models.attention_masks", "llm_jax.models.remat",
                              "llm_jax.models.families", "llm_jax.models.components")
 
 
@@ -216,7 +221,8 @@ def build_model_config(model: ml_collections.ConfigDict, vocab_size: int, vocab_
 
     The embedding is padded for `vocab_shard_sizes` (see padded_vocab) unless `padded_vocab_size` is given: a
     resumed run's saved size, kept so its parameter shapes match the checkpoint, after check_padded_vocab.
-    `model.attention_impl` is checked against this process's JAX backend (attention_kernels.check_attention_impl).
+    `model.attention_mask` is checked against the family (attention_masks.check_attention_mask) and
+    `model.attention_impl` against this process's JAX backend (attention_kernels.check_attention_impl).
     """
     values = {field.name: model[field.name] for field in config_fields()}
     vocab = model.vocab_size or vocab_size
@@ -228,7 +234,9 @@ def build_model_config(model: ml_collections.ConfigDict, vocab_size: int, vocab_
                   heads=tuple(heads))
     cfg = make_model_config(**values)
     from llm_jax.models.attention_kernels import check_attention_impl  # imports this module
+    from llm_jax.models.attention_masks import check_attention_mask
 
+    check_attention_mask(cfg)
     check_attention_impl(cfg)
     return cfg
 

@@ -106,7 +106,8 @@ def blocks(cfg: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array, segment_
            deterministic: bool, *, causal: bool, cross: bool = False, **block_kwargs: jax.Array | None) -> jax.Array:
     """model.num_layers blocks (looped, or scanned with model.scan_layers), then the final norm under pre-LN
     (post-LN blocks end normalised). `block_kwargs` go to every Block (encoded_BSD, encoded_segment_ids_BS of
-    `cross` blocks); the positional attention bias is computed here once for all layers."""
+    `cross` blocks, a prefix LM's prefix_BT; None values are fine, looped or scanned); the positional attention
+    bias is computed here once for all layers."""
     inputs = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
                   bias_BNTS=attention_bias(cfg, positions_BT, causal), **block_kwargs)
     layout = scanned_blocks if cfg.scan_layers else looped_blocks

@@ -70,6 +70,7 @@ class Task:
     name = ""
     families: tuple[str, ...] = ()
     vocab_terms: tuple[str, ...] = ()  # loss terms that are a softmax over the vocabulary (optimizer.z_loss)
+    marks_prefix = False  # its rows mark a prefix (prefix_BT) for model.attention_mask=prefix_lm
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -86,16 +87,27 @@ class Task:
         return 0
 
     def validate(self) -> None:
-        """Config checks before anything is built; the default checks the family."""
+        """Config checks before anything is built; the default checks the family and the attention mask."""
         family = self.config.model.family
         if family not in self.families:
             raise ConfigError(f"data.objective={self.name!r} runs on model.family in {list(self.families)}, not "
                               f"{family!r}")
+        self._check_prefix()
         z_loss = self.config.optimizer.z_loss
         if z_loss and not self.vocab_terms:
             raise ConfigError(f"optimizer.z_loss={z_loss} regularises a softmax over the vocabulary, and "
                               f"data.objective={self.name!r} has none (its heads predict a few labels); set "
                               "optimizer.z_loss=0")
+
+    def _check_prefix(self) -> None:
+        """A mask that reads a prefix needs a task whose rows mark one (`marks_prefix`)."""
+        from llm_jax.models.attention_masks import ATTENTION_MASKS
+
+        mask = self.config.model.attention_mask
+        if ATTENTION_MASKS.get(mask).uses_prefix and not self.marks_prefix:
+            raise ConfigError(f"model.attention_mask={mask!r} reads each row's prefix, and data.objective="
+                              f"{self.name!r} has no prefix to mark: use data.objective=sft (the prompts are the "
+                              "prefixes) or model.attention_mask=causal")
 
     def rows(self, records: grain.MapDataset, context: RowContext) -> grain.IterDataset:
         """The records of one split (already sharded, and for training shuffled and repeated) -> rows of the

@@ -10,8 +10,10 @@ concat_split continues a pair in the next row as a new segment) with segment ids
 
 The batch is causal_lm's (inputs, targets, weights, segment_ids, positions), with weight 1 exactly on the targets
 that are response tokens (the response and its EOS) of the input's own pair; eval/loss, eval/perplexity and
-eval/token_accuracy are over those tokens. To carry the loss mask through the generic packers, which pack one
-token array, a pair's tokens travel packed as codes 2 * id + (1 on response tokens), unpacked after packing.
+eval/token_accuracy are over those tokens. With model.attention_mask=prefix_lm the batch adds "prefix", 1 on
+the inputs that are prompt tokens (0 on responses and padding), which the model reads bidirectionally. To carry
+the loss mask through the generic packers, which pack one token array, a pair's tokens travel packed as codes
+2 * id + (1 on response tokens), unpacked after packing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 
 import grain
+import jax
 import numpy as np
 
 from llm_jax.errors import ConfigError
@@ -26,7 +29,8 @@ from llm_jax.data.objectives import NextTokenRows
 from llm_jax.data.packing import PACKINGS
 from llm_jax.data.pairs import INPUTS, PAIR_SOURCES, TARGETS
 from llm_jax.data.sources import Record
-from llm_jax.tasks.base import RowContext
+from llm_jax.models.attention_masks import ATTENTION_MASKS
+from llm_jax.tasks.base import Batch, Field, RowContext, token_field
 from llm_jax.tasks.causal_lm import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -78,14 +82,20 @@ class EncodePair(grain.transforms.Map):
 
 class PairRows:
     """A packed row of pair codes -> causal_lm's rows (segments and positions per pair), weight 1 only on
-    targets that are response tokens of the input's pair."""
+    targets that are response tokens of the input's pair; with `prefix`, "prefix" = 1 on inputs that are prompt
+    tokens (padding, code 0 in segment 0, is none)."""
 
     next_token = NextTokenRows(separate_documents=True)
+
+    def __init__(self, prefix: bool = False):
+        self.prefix = prefix
 
     def __call__(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         codes = row["tokens"]
         example = self.next_token({**row, "tokens": codes >> 1})
         example["weights"] = example["weights"] * (codes[1:] & 1).astype(np.float32)
+        if self.prefix:
+            example["prefix"] = (((codes[:-1] & 1) == 0) & (example["segment_ids"] > 0)).astype(np.int32)
         return example
 
 
@@ -104,6 +114,7 @@ class SupervisedFineTuning(CausalLM):
     """causal_lm on packed prompt/response pairs with the loss on the response tokens (see the module)."""
 
     name = "sft"
+    marks_prefix = True
 
     def _packed_segments(self) -> bool:
         return True
@@ -124,4 +135,19 @@ class SupervisedFineTuning(CausalLM):
     def rows(self, records: grain.MapDataset, context: RowContext) -> grain.IterDataset:
         data = context.data
         pairs = records.map(EncodePair(context)).to_iter_dataset(context.read_options)
-        return PACKINGS.get(data.packing)(pairs, data.seq_len + 1, data).map(PairRows())
+        return PACKINGS.get(data.packing)(pairs, data.seq_len + 1, data).map(PairRows(self._uses_prefix()))
+
+    def _uses_prefix(self) -> bool:
+        return ATTENTION_MASKS.get(self.config.model.attention_mask).uses_prefix
+
+    def batch_spec(self) -> dict[str, Field]:
+        spec = super().batch_spec()
+        if self._uses_prefix():
+            spec["prefix"] = token_field(self.config.data.seq_len)
+        return spec
+
+    def model_inputs(self, batch: Batch) -> dict[str, jax.Array | None]:
+        inputs = super().model_inputs(batch)
+        if self._uses_prefix():
+            inputs["prefix_BT"] = batch["prefix"]
+        return inputs
