@@ -3,8 +3,9 @@ decoder with cross-attention over the encoder's outputs, one token embedding sha
 when model.tie_embeddings).
 
 Styles are config presets (configs/encoder_decoder.py): T5 = positional=t5_relative_bias (one bias table per
-stack, shared by its layers), RMSNorm, pre-LN, no biases, unscaled attention logits, optional gated GELU; the
-original Transformer = sinusoidal positions, post-LN LayerNorm, ReLU, embeddings scaled by sqrt(d_model).
+stack, shared by its layers), RMSNorm, pre-LN, no biases, unscaled attention logits, optional gated GELU
+(model.scale_decoder_outputs: T5 v1.0's d_model**-0.5 before its tied head); the original Transformer =
+sinusoidal positions, post-LN LayerNorm, ReLU, embeddings scaled by sqrt(d_model).
 
 Decoding (llm_jax.decoding): `encode` runs the encoder once; `decode` with a mutable "cache" collection caches
 the decoder's self-attention keys/values per position and, on the call that receives `encoded_BSD` (prefill),
