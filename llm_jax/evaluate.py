@@ -15,10 +15,10 @@ import json
 
 from absl import app, flags, logging
 
-from llm_jax.cli import check_saved_run, quiet_library_logs, run_reporting_errors
+from llm_jax.cli import quiet_library_logs, run_reporting_errors
 from llm_jax.errors import ConfigError
 from llm_jax.training import length_eval
-from llm_jax.training.run import build_saved_run, restore_latest_params
+from llm_jax.training.length_eval import evaluate_checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by llm_jax.train")
 _SPLIT = flags.DEFINE_string("split", None, "split to evaluate (default: the run's data.eval_split)")
@@ -35,32 +35,6 @@ _STRIDE = flags.DEFINE_integer("stride", 0, "with --length_method=sliding_window
 flags.mark_flag_as_required("workdir")
 
 SOURCE_FIELDS = length_eval.SOURCE_FIELDS  # in each metrics.jsonl line evaluate appends (not sent to TensorBoard)
-
-
-def evaluate_checkpoint(workdir: str, split: str | None, eval_steps: int | None, seq_len: int | None = None,
-                        length_method: str = length_eval.AUTO, stride: int = 0
-                        ) -> tuple[int, dict[str, float], str, dict[str, str]]:
-    """(step, metrics, the task's report, e.g. per-class precision/recall, extra JSON fields) of the latest
-    checkpoint; the metric names carry the split unless it is the run's evaluation split (data.eval_split), and
-    with `seq_len` the length (eval_lenN/*; see llm_jax.training.length_eval)."""
-    if eval_steps is not None and eval_steps != -1 and eval_steps < 1:
-        raise ConfigError(f"--eval_steps={eval_steps}: give a number of batches >= 1, or -1 for the whole split")
-    if seq_len is not None:
-        seq_len = length_eval.check_options(seq_len, length_method, stride)
-        check_saved_run(workdir)
-        step, metrics, fields, report = length_eval.evaluate_at_length(workdir, seq_len, split, eval_steps,
-                                                                       length_method, stride)
-        return step, metrics, report, fields
-    if length_method != length_eval.AUTO or stride:
-        raise ConfigError("--length_method and --stride choose how --seq_len=N is evaluated; give --seq_len too")
-    check_saved_run(workdir)
-    run = build_saved_run(workdir, with_data=True)
-    split = split or run.config.data.eval_split
-    step, params = restore_latest_params(run)
-    metrics, report = length_eval.evaluate_run(run, params, split, eval_steps)
-    if split != run.config.data.eval_split:
-        metrics = {key.replace("eval/", f"eval_{split}/"): value for key, value in metrics.items()}
-    return step, metrics, report, {}
 
 
 def main(argv: list[str]) -> None:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import llm_jax
 from configs.encoder_decoder import ENCODER_DECODER_STYLES
 from conftest import final, metrics, needs, run_module, shared_data_file
 from llm_jax.decoding.engine import DecodeOptions, build_engine
@@ -37,15 +38,18 @@ def tiny(style="t5", scan_layers=False, vocab=VOCAB, **changes):
     return cfg, model, jax.tree.map(lambda leaf: jnp.asarray(0.3 * rng.normal(size=leaf.shape), leaf.dtype), shapes)
 
 
-def uncached_greedy(model, params, prompt, steps, vocab=VOCAB, start=0):
-    """Greedy decoding by full passes (no cache) over a decoder window of steps + 1 positions padded with
-    filler: a causal decoder's logit at t does not read what follows t."""
+def uncached_greedy(model, params, prompts, steps, vocab=VOCAB, start=0):
+    """Greedy decoding of each prompt by full passes (no cache) over a decoder window of steps + 1 positions
+    padded with filler: a causal decoder's logit at t does not read what follows t."""
     apply = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y).heads["lm"][0, :, :vocab])
-    window = np.full(steps + 1, vocab - 1, np.int32)
-    window[0] = start
-    for t in range(steps):
-        window[t + 1] = int(np.argmax(apply(params, jnp.array([prompt]), window[None])[t]))
-    return window[1:].tolist()
+    outputs = []
+    for prompt in prompts:
+        window = np.full(steps + 1, vocab - 1, np.int32)
+        window[0] = start
+        for t in range(steps):
+            window[t + 1] = int(np.argmax(apply(params, jnp.array([prompt]), window[None])[t]))
+        outputs.append(window[1:].tolist())
+    return outputs
 
 
 @pytest.mark.parametrize("style, scan_layers", [("t5", True), ("transformer", False)])
@@ -53,7 +57,7 @@ def test_cached_greedy_equals_uncached_greedy(style, scan_layers):
     cfg, model, params = tiny(style, scan_layers)
     engine = build_engine(cfg)
     got = engine.generate(params, PROMPTS, DecodeOptions(max_new_tokens=6, temperature=0.0))
-    assert got == [uncached_greedy(model, params, prompt, 6) for prompt in PROMPTS]
+    assert got == uncached_greedy(model, params, PROMPTS, 6)
     # beam search with one beam is greedy (beam_size=1 selects greedy in generate: call the beam program)
     assert engine.beam_search(params, PROMPTS, DecodeOptions(max_new_tokens=6, beam_size=1))[0] == got
 
@@ -107,12 +111,13 @@ def test_exact_match_is_what_greedy_decoding_reproduces():
     greedy = engine.generate(params, PROMPTS, DecodeOptions(max_new_tokens=4, temperature=0.0))
     targets = [greedy[0], [t for t in greedy[1][:2]] + [(greedy[1][2] + 1) % VOCAB, greedy[1][3]], greedy[2]]
     targets[2] = [(greedy[2][0] + 3) % VOCAB] + greedy[2][1:]
-    for prompt, target in zip(PROMPTS, targets):
+    assert uncached_greedy(model, params, PROMPTS, 4) == greedy
+    apply = jax.jit(lambda x, y: model.apply({"params": params}, x, y).heads["lm"])
+    for prompt, target, reproduced in zip(PROMPTS, targets, greedy):
         batch = {"targets": jnp.array([target]), "weights": jnp.ones((1, 4)),
                  "targets_segment_ids": jnp.ones((1, 4), jnp.int32)}
-        logits = model.apply({"params": params}, jnp.array([prompt]), jnp.array([[0] + target[:-1]])).heads["lm"]
-        exact, examples = exact_match_sums(logits, batch)
-        assert (float(exact), float(examples)) == (float(target == uncached_greedy(model, params, prompt, 4)), 1.0)
+        exact, examples = exact_match_sums(apply(jnp.array([prompt]), jnp.array([[0] + target[:-1]])), batch)
+        assert (float(exact), float(examples)) == (float(target == reproduced), 1.0)
     assert targets[0] == greedy[0] and targets[1] != greedy[1] and targets[2] != greedy[2]
 
 
@@ -158,6 +163,11 @@ def test_span_corruption_then_text_to_text_sst2_end_to_end(tmp_path):
     assert "initialised" in result.stderr
     records = metrics(finetune)
     assert 0.0 <= final(records, "eval/accuracy") <= 1.0
-    result = run_module("llm_jax.generate", f"--workdir={finetune}", "--prompt=sst2 sentence: a fine film",
-                        "--temperature=0", "--max_new_tokens=3", "--beam_size=2")
-    assert result.returncode == 0, result.stderr[-2000:]
+    model = llm_jax.load(str(finetune))  # the Python API over the same engine: greedy, beam, scores, logits
+    [greedy] = model.generate(["sst2 sentence: a fine film"], max_new_tokens=3, temperature=0.0)
+    assert isinstance(greedy, str)
+    assert len(model.generate(["sst2 sentence: dull"], max_new_tokens=3, beam_size=2)) == 1
+    [logp] = model.score(["sst2 sentence: a fine film"], ["positive"])
+    assert np.all(logp < 0) and np.all(np.isfinite(logp))
+    logits = model.logits([[5, 6, 7]], [[0, 8]])
+    assert logits.shape == (1, 2, model.model_config.vocab_size)

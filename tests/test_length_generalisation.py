@@ -13,7 +13,7 @@ import pytest
 from conftest import metrics, run_module, window_config
 from launch import length_report, sweep
 from llm_jax.errors import ConfigError
-from llm_jax.evaluate import evaluate_checkpoint
+from llm_jax.training.length_eval import evaluate_checkpoint
 from llm_jax.models.model_config import build_model_config
 from llm_jax.models.positions import POSITIONALS
 from llm_jax.training import length_eval, loop, run_record

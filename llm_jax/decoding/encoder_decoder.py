@@ -5,21 +5,23 @@ Prefill encodes the right-padded prompts once (segment ids mark their real token
 the start token (the pad id, as in training: llm_jax.data.seq2seq_rows) at position 0 with the encoder output,
 which fills each layer's cross-attention cache (keys, values, key segments); every later step feeds one token
 and reads that cache, so the encoder output is never projected again. The decoder's context is its own tokens
-only: new tokens are limited to model.max_len - 1 (no window slides), and prompts longer than model.max_len keep
-their last tokens.
+only: new tokens are capped at model.max_len - 1 (no window slides; a warning says so), and prompts longer than
+model.max_len keep their last tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from llm_jax.decoding.engine import CACHE_BUCKET, PROMPT_BUCKET, Engine, _check_prompts, _round_up, right_pad
+from llm_jax.decoding.engine import (CACHE_BUCKET, MAX_ROWS, PROMPT_BUCKET, Engine, _check_prompts, _round_up,
+                                    right_pad)
 from llm_jax.decoding.options import DecodeOptions
-from llm_jax.errors import ConfigError
 
 
 def prompt_segments(tokens_BP: jax.Array, lengths_B: jax.Array) -> jax.Array:
@@ -69,10 +71,16 @@ class EncoderDecoderEngine(Engine):
         return _round_up(longest, PROMPT_BUCKET)
 
     def window(self, new_left: int, longest: int, beam: bool = False) -> tuple[int, int]:
-        if new_left >= self.max_len:
-            raise ConfigError(f"--max_new_tokens={new_left} must be below model.max_len={self.max_len}: an "
-                              "encoder-decoder's decoder sees only its own tokens, in one window")
-        return min(longest, self.max_len), new_left
+        return min(longest, self.max_len), min(new_left, self.max_len - 1)
+
+    def generate(self, params: Any, prompts: Sequence[Sequence[int]], options: DecodeOptions,
+                 max_rows: int = MAX_ROWS) -> list[list[int]]:
+        """As Engine.generate, with max_new_tokens capped at model.max_len - 1 (the decoder's one window)."""
+        if options.max_new_tokens >= self.max_len:
+            logging.warning("max_new_tokens=%d: an encoder-decoder's decoder writes at most model.max_len - 1 = %d "
+                            "tokens", options.max_new_tokens, self.max_len - 1)
+            options = dataclasses.replace(options, max_new_tokens=self.max_len - 1)
+        return super().generate(params, prompts, options, max_rows)
 
     def score(self, params: Any, prompts: Sequence[Sequence[int]],
               continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:

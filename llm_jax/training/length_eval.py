@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from llm_jax.cli import check_saved_run
 from llm_jax.data.pipeline import build_data
 from llm_jax.errors import ConfigError
 from llm_jax.models.positions import POSITIONALS
@@ -268,3 +269,29 @@ def append_eval_record(workdir: str, step: int, metrics: dict[str, float], field
         writer = MetricsWriter(workdir)
         writer.write(step, metrics, json_fields={**SOURCE_FIELDS, **fields})
         writer.close()
+
+
+def evaluate_checkpoint(workdir: str, split: str | None, eval_steps: int | None, seq_len: int | None = None,
+                        length_method: str = AUTO, stride: int = 0
+                        ) -> tuple[int, dict[str, float], str, dict[str, str]]:
+    """(step, metrics, the task's report, e.g. per-class precision/recall, extra JSON fields) of the latest
+    checkpoint; the metric names carry the split unless it is the run's evaluation split (data.eval_split), and
+    with `seq_len` the length (eval_lenN/*; see llm_jax.training.length_eval)."""
+    if eval_steps is not None and eval_steps != -1 and eval_steps < 1:
+        raise ConfigError(f"--eval_steps={eval_steps}: give a number of batches >= 1, or -1 for the whole split")
+    if seq_len is not None:
+        seq_len = check_options(seq_len, length_method, stride)
+        check_saved_run(workdir)
+        step, metrics, fields, report = evaluate_at_length(workdir, seq_len, split, eval_steps,
+                                                                       length_method, stride)
+        return step, metrics, report, fields
+    if length_method != AUTO or stride:
+        raise ConfigError("--length_method and --stride choose how --seq_len=N is evaluated; give --seq_len too")
+    check_saved_run(workdir)
+    run = build_saved_run(workdir, with_data=True)
+    split = split or run.config.data.eval_split
+    step, params = restore_latest_params(run)
+    metrics, report = evaluate_run(run, params, split, eval_steps)
+    if split != run.config.data.eval_split:
+        metrics = {key.replace("eval/", f"eval_{split}/"): value for key, value in metrics.items()}
+    return step, metrics, report, {}
