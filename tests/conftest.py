@@ -50,18 +50,21 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 def pytest_addoption(parser) -> None:
     parser.addoption("--gpu", action="store_true", help="run the tests marked gpu on the machine's accelerator")
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (the default suite stays "
+                                                         "under 15 minutes on 2 cores)")
 
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "gpu: needs an accelerator; runs only with --gpu (the suite pins CPU)")
+    config.addinivalue_line("markers", "slow: long equivalence or end-to-end checks; run with --slow")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    if config.getoption("--gpu"):
-        return
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not config.getoption("--gpu"):
             item.add_marker(pytest.mark.skip(reason="a GPU test: run with --gpu on a machine with one"))
+        if "slow" in item.keywords and not config.getoption("--slow"):
+            item.add_marker(pytest.mark.skip(reason="a slow test: run with --slow"))
 
 
 def needs(condition: bool, reason: str) -> None:

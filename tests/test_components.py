@@ -1,5 +1,5 @@
-"""Conformance: every registered component (positional encodings, norms and their position, MLPs) in every
-family it can serve passes the same checks, with no list of names here: a new component file joins
+"""Conformance: every registered component (positional encodings, norms and their position, MLPs) passes the
+same checks, with no list of names here: a new component file joins
 automatically. Checks: output shapes; every parameter carries logical axis names; the forward pass is
 deterministic; causal stacks do not read the future; a 2x2x2 mesh (data, fsdp, tensor) gives the one-device
 outputs; and a model rebuilt from its saved config (component keys included) with its saved parameters
@@ -26,6 +26,8 @@ from llm_jax.models.norms import NORMS
 from llm_jax.models.positions import POSITIONALS
 from llm_jax.sharding import logical_rules
 
+pytestmark = pytest.mark.slow  # run with --slow (README); the default suite stays under 15 min
+
 VOCAB, LEN, DEC_LEN = 31, 12, 7
 BASE = dict(vocab_size=VOCAB, padded_vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, d_model=32,
             max_len=16, use_bias=True)  # padded: the embedding splits over tensor x fsdp
@@ -33,10 +35,13 @@ FAMILY_HEADS = {"decoder": ("lm",), "encoder": ("mlm",), "encoder_decoder": ("lm
 
 
 def components():
-    """(family, key, name) for every registered name of every component registry and every family."""
-    keys = {"positional": POSITIONALS, "norm": NORMS, "norm_position": NORM_POSITIONS, "mlp": MLPS}
-    return [(family, key, name) for family in FAMILIES.names() for key, registry in keys.items()
-            for name in registry.names()]
+    """(family, key, name): every registered positional encoding in every family (stacks differ in how they
+    take positions: causal or not, shared embedding, cross-attention), and every norm, norm position and MLP in
+    the decoder and the encoder-decoder (one Block serves every family)."""
+    keys = {"norm": NORMS, "norm_position": NORM_POSITIONS, "mlp": MLPS}
+    return ([(family, "positional", name) for family in FAMILIES.names() for name in POSITIONALS.names()] +
+            [(family, key, name) for family in ("decoder", "encoder_decoder") for key, registry in keys.items()
+             for name in registry.names()])
 
 
 def inputs(family, tokens_BT):
@@ -91,8 +96,9 @@ def test_component_conformance(family, key, name, tmp_path):
     np.testing.assert_array_equal(again, out)
 
 
-@pytest.mark.parametrize("family, key, name", [c for c in components() if c[1] == "positional"] +
-                         [(family, "mlp", "swiglu") for family in FAMILIES.names()], ids=lambda v: str(v))
+@pytest.mark.parametrize("family, key, name", [("decoder", "positional", name) for name in POSITIONALS.names()] +
+                         [(family, "mlp", "swiglu") for family in FAMILIES.names() if family != "decoder"],
+                         ids=lambda v: str(v))
 def test_component_on_a_2x2x2_mesh_gives_the_one_device_outputs(family, key, name):
     needs(jax.device_count() >= 8, "needs 8 devices (XLA_FLAGS from conftest)")
     cfg, model, boxed, tokens_BT = build(family, key, name)

@@ -64,7 +64,7 @@ def learned():
 @pytest.mark.parametrize("positional, scan_layers, num_kv_heads", [
     ("learned", False, None), ("sinusoidal", False, None), ("rope", False, None), ("alibi", False, None),
     ("rope", True, None), ("alibi", True, 2),  # scanned layers, grouped-query attention
-    ("t5_relative_bias", True, None), ("kerple_log", False, None)])  # biases with parameters, against the cache
+    ("t5_relative_bias", True, None)])  # a bias with parameters, computed against the cache slots
 def test_cached_greedy_equals_uncached_greedy_for_batched_prompts(positional, scan_layers, num_kv_heads):
     model_config, model, params = tiny_model(positional, scan_layers, num_kv_heads=num_kv_heads)
     engine = build_engine(model_config)

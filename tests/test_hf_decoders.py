@@ -22,6 +22,8 @@ from llm_jax.interop.hf_common import ConversionError
 from llm_jax.models.families import build_model
 from llm_jax.models.model_config import make_model_config
 
+pytestmark = pytest.mark.slow  # run with --slow (README); the default suite stays under 15 min
+
 transformers = import_or_fail("transformers")
 torch = import_or_fail("torch")
 

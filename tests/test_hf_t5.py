@@ -20,6 +20,8 @@ from llm_jax.models.families import build_model
 from llm_jax.models.model_config import make_model_config
 from test_hf_decoders import SPM_1000, TOLERANCE, numpy_state_dict, random_model, token_ids
 
+pytestmark = pytest.mark.slow  # run with --slow (README); the default suite stays under 15 min
+
 transformers = import_or_fail("transformers")
 torch = import_or_fail("torch")
 

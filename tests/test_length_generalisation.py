@@ -19,6 +19,8 @@ from llm_jax.models.positions import POSITIONALS
 from llm_jax.training import length_eval, loop, run_record
 from llm_jax.training.steps import apply_model
 
+pytestmark = pytest.mark.slow  # run with --slow (README); the default suite stays under 15 min
+
 SEQ_LEN = 16  # trained length = model.max_len
 ABLATION = "experiments/ablation_positions.py"
 

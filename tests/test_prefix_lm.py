@@ -20,6 +20,8 @@ from llm_jax.models.model_config import build_model_config
 from llm_jax.tasks import build_task
 from test_sft import _config, _expected_pairs, _rows
 
+pytestmark = pytest.mark.slow  # run with --slow (README); the default suite stays under 15 min
+
 VOCAB, MAX_LEN, T = 20, 32, 12
 MESH = {"data": 1, "fsdp": 1, "tensor": 1}
 

@@ -20,6 +20,8 @@ from llm_jax.tasks import build_task
 from llm_jax.tasks.base import RowContext
 from llm_jax.tasks.sft import truncate_pair
 
+pytestmark = pytest.mark.slow  # run with --slow (README); the default suite stays under 15 min
+
 EOS = 1
 PAIRS = [("ab", "XYZ"), ("c", "W"), ("defgh", "UVWXYZ"), ("ij", "abcdefghijkl"), ("k", "mn")]
 
