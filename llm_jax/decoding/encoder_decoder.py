@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from llm_jax.decoding.engine import (CACHE_BUCKET, MAX_ROWS, PROMPT_BUCKET, Engine, _check_prompts, _round_up,
+from llm_jax.decoding.engine import (CACHE_BUCKET, MAX_ROWS, PROMPT_BUCKET, Engine, _round_up,
                                     right_pad)
 from llm_jax.decoding.options import DecodeOptions
 
@@ -85,13 +85,7 @@ class EncoderDecoderEngine(Engine):
     def score(self, params: Any, prompts: Sequence[Sequence[int]],
               continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """log p(continuation token | prompt, earlier continuation tokens), one teacher-forced pass per batch."""
-        _check_prompts(prompts)
-        if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations: give one each")
-        for continuation in continuations:
-            if not continuation or len(continuation) >= self.max_len:
-                raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored: give 1 to "
-                                 f"{self.max_len - 1} tokens (model.max_len={self.max_len})")
+        self.check_scoring(prompts, continuations)
         contexts = [list(p)[-self.max_len:] for p in prompts]
         tokens_BP, lengths_B = right_pad(contexts, _round_up(max(len(c) for c in contexts), PROMPT_BUCKET),
                                          self.pad_id)

@@ -273,18 +273,23 @@ class Engine:
             results += strategy(self, params, prompts[start:start + max_rows], chunk_options)
         return results
 
+    def check_scoring(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> None:
+        """One non-empty prompt per continuation, each continuation 1 to max_len - 1 tokens."""
+        _check_prompts(prompts)
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations: give one each")
+        for continuation in continuations:
+            if not continuation or len(continuation) >= self.max_len:
+                raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored: give 1 to "
+                                 f"{self.max_len - 1} tokens (model.max_len={self.max_len})")
+
     def score(self, params: Any, prompts: Sequence[Sequence[int]],
               continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """log p(continuation token | prompt, earlier continuation tokens) per token, one forward pass per
         batch (no cache); prompts are cut to their last tokens so that prompt + continuation fit max_len."""
-        _check_prompts(prompts)
-        if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations: give one each")
+        self.check_scoring(prompts, continuations)
         rows, starts = [], []
         for prompt, continuation in zip(prompts, continuations):
-            if not continuation or len(continuation) >= self.max_len:
-                raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored: give 1 to "
-                                 f"{self.max_len - 1} tokens (model.max_len={self.max_len})")
             prompt = list(prompt)[-(self.max_len - len(continuation)):]
             rows.append(prompt + list(continuation))
             starts.append(len(prompt))
